@@ -1,0 +1,1 @@
+"""lmc passes: one module per pass or pass family, each registered by name."""
