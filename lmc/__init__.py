@@ -4,3 +4,6 @@ from lmc.errors import (LmcError, ParseError, VerificationError, ShapeError,  # 
                         UnsupportedOpError, InputError, NumericsError, PipelineError,
                         ArtifactError)
 from lmc import ir  # noqa: F401
+from lmc.options import CompileOptions  # noqa: F401,E402
+from lmc.compile import compile, CompiledModel  # noqa: F401,E402,A001
+from lmc.ir.parser import parse, parse_file  # noqa: F401,E402

@@ -102,11 +102,11 @@ class Op:
                  result_types: Sequence[TensorType] | None = None,
                  regions: Sequence["Region"] = (), loc: Location = UNKNOWN_LOC):
         self.operand_values: list[Value] = []
+        self.loc = loc  # first: attribute errors below name the location
         self.attributes: dict[str, Any] = self._fill_attrs(attributes or {})
         self.regions: list[Region] = list(regions)
         for r in self.regions:
             r.parent = self
-        self.loc = loc
         self.parent: Block | None = None
         for v in operands:
             self._add_operand(v)
@@ -123,13 +123,13 @@ class Op:
         unknown = set(given) - set(self.attrs)
         if unknown:
             raise VerificationError(f"unknown attribute(s) {sorted(unknown)}; "
-                                    f"{self.name} takes {sorted(self.attrs)}")
+                                    f"{self.name} takes {sorted(self.attrs)}", op=self)
         out = {}
         for k, default in self.attrs.items():
             if k in given:
                 out[k] = given[k]
             elif default is REQUIRED:
-                raise VerificationError(f"{self.name} needs attribute '{k}'")
+                raise VerificationError(f"{self.name} needs attribute '{k}'", op=self)
             else:
                 out[k] = default
         return out
@@ -200,6 +200,10 @@ class Op:
                                     op=self)
         if self.results is not None and len(self.result_values) != self.results:
             raise VerificationError(f"expects {self.results} result(s)", op=self)
+        unknown = set(self.attributes) - set(self.attrs)
+        if unknown:
+            raise VerificationError(f"unknown attribute(s) {sorted(unknown)}; "
+                                    f"{self.name} takes {sorted(self.attrs)}", op=self)
         if not self.declared:
             inferred = self.infer_type()
             inferred = inferred if isinstance(inferred, tuple) else (inferred,)
@@ -357,6 +361,9 @@ class Module:
 
     funcs: dict[str, Func] = field(default_factory=dict)
     params: dict[str, np.ndarray] = field(default_factory=dict)
+    # What a frontend knows that the IR does not say: e.g. the output pytree spec of a torch
+    # model, so that a compiled model returns the same structure. Not printed.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def add_func(self, func: Func) -> Func:
         self.funcs[func.name] = func
@@ -383,7 +390,9 @@ class Module:
         from lmc.ir.parser import parse  # the text round-trip is the one copy mechanism tested
 
         from lmc.ir.printer import print_module
-        return parse(print_module(self), params=dict(self.params))
+        m = parse(print_module(self), params=dict(self.params))
+        m.meta = dict(self.meta)
+        return m
 
     def __str__(self) -> str:
         from lmc.ir.printer import print_module

@@ -17,7 +17,7 @@ _TOKEN = re.compile(r"""
     (?P<ws>[ \t\r]+|//[^\n]*|\#[^\n]*) |
     (?P<nl>\n) |
     (?P<arrow>->) |
-    (?P<value>%[A-Za-z0-9_.$\-]+) |
+    (?P<value>%[A-Za-z0-9_.$\-]+|%"(?:[^"\\]|\\.)*") |
     (?P<symbol>@[A-Za-z0-9_.$\-]+) |
     (?P<label>\^[A-Za-z0-9_]+) |
     (?P<number>\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+) |
@@ -103,9 +103,10 @@ class Parser:
     def module(self, params: dict[str, np.ndarray] | None) -> Module:
         m = Module(params=dict(params or {}))
         while self.tok.kind != "eof":
+            name_tok = self.peek()
             f = self.func()
             if f.name in m.funcs:
-                raise self.error(f"function @{f.name} is defined twice")
+                raise self.error(f"function @{f.name} is defined twice", name_tok)
             m.add_func(f)
         if not m.funcs:
             raise self.error("no function in the text")
@@ -128,7 +129,7 @@ class Parser:
                     raise self.error(f"argument kind must be one of {ARG_KINDS}", kind_tok)
                 kind = kind_tok.text
                 self.expect("}")
-            self.define(scope, tok, f.add_arg(ty, tok.text[1:], kind))
+            self.define(scope, tok, f.add_arg(ty, _value_name(tok), kind))
             if not self.accept(","):
                 break
         self.expect(")")
@@ -173,8 +174,8 @@ class Parser:
         start, depth, parts = self.tok, 0, []
         while depth > 0 or not (self.at(",") or self.at("]")):
             t = self.next()
-            if t.kind == "eof" or t.kind not in ("ident", "number", "punct"):
-                raise self.error("malformed dim", t)
+            if t.kind not in ("ident", "number", "punct") or t.line != start.line:
+                raise self.error("malformed dim (is a ']' missing?)", t)
             depth += (t.text == "(") - (t.text == ")")
             parts.append(t.text)
         if not parts:
@@ -185,7 +186,7 @@ class Parser:
             raise self.error(str(exc), start) from None
 
     def define(self, scope: dict[str, Value], tok: Token, v: Value) -> None:
-        name = tok.text[1:]
+        name = _value_name(tok)
         if name in scope:
             raise self.error(f"value %{name} is defined twice", tok)
         scope[name] = v
@@ -193,7 +194,7 @@ class Parser:
     def use(self, scope: dict[str, Value]) -> Value:
         tok = self.expect_kind("value", "an operand like %0")
         try:
-            return scope[tok.text[1:]]
+            return scope[_value_name(tok)]
         except KeyError:
             raise self.error(f"use of undefined value {tok.text}", tok) from None
 
@@ -216,7 +217,8 @@ class Parser:
                 operands.append(self.use(scope))
                 if not self.accept(","):
                     break
-        attrs = self.attr_dict() if self.at("{") and self.peek().kind == "ident" else {}
+        attrs = self.attr_dict() if self.at("{") and (
+            self.peek().kind == "ident" or self.peek().text == "}") else {}
         types = []
         if result_toks:
             self.expect(":")
@@ -246,7 +248,7 @@ class Parser:
             while not self.at(")"):
                 tok = self.expect_kind("value", "a block argument")
                 self.expect(":")
-                self.define(scope, tok, block.add_arg(self.type(), tok.text[1:]))
+                self.define(scope, tok, block.add_arg(self.type(), _value_name(tok)))
                 if not self.accept(","):
                     break
             self.expect(")")
@@ -310,6 +312,11 @@ class Parser:
         raise self.error(f"malformed attribute value '{tok.text}'", tok)
 
 
+def _value_name(tok: Token) -> str:
+    """`%x` -> x; `%"onnx::Add_1"` -> onnx::Add_1 (names outside [A-Za-z0-9_.$-] are quoted)."""
+    return json.loads(tok.text[1:]) if tok.text.startswith('%"') else tok.text[1:]
+
+
 def parse(text: str, params: dict[str, np.ndarray] | None = None,
           source: str = "<text>") -> Module:
     """Parse a whole module. `params` holds the arrays of its {param}/{buffer} arguments."""
@@ -330,13 +337,23 @@ def _tuple(v):
     return tuple(_tuple(x) for x in v) if isinstance(v, list) else v
 
 
-def parse_file(path: str | Path) -> Module:
-    """Parse a `.lmc` file; weights, if saved beside it as `<file>.safetensors`, are loaded."""
+def parse_file(path: str | Path, weights: str | Path | None = None) -> Module:
+    """Parse a `.lmc` file. Weights come from `weights` if given, else from `<file>.safetensors`
+    or, for IR dumps, `weights.safetensors` in the same folder; only the arrays the text names
+    are kept."""
     path = Path(path)
-    params = None
-    weights = path.with_suffix(path.suffix + ".safetensors")
-    if weights.exists():
-        from safetensors.numpy import load_file
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise LmcError(f"cannot read IR file {path}: {exc.strerror}") from None
+    m = parse(text, source=str(path))
+    candidates = [Path(weights)] if weights else [
+        path.with_suffix(path.suffix + ".safetensors"), path.parent / "weights.safetensors"]
+    for w in candidates:
+        if w.exists():
+            from safetensors.numpy import load_file
 
-        params = load_file(str(weights))
-    return parse(path.read_text(), params, source=str(path))
+            names = {a.name for f in m.funcs.values() for a in f.weights}
+            m.params = {k: v for k, v in load_file(str(w)).items() if k in names}
+            break
+    return m

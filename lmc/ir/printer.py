@@ -14,7 +14,7 @@ import re
 from lmc.ir.core import Block, Func, Location, Module, Op, Value
 from lmc.ir.types import DType
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.$\-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9_.$\-]+$")  # printed bare; other names are quoted
 
 
 def format_attr(v) -> str:
@@ -57,16 +57,14 @@ class Printer:
         self.counter = 0
 
     def name_arg(self, v: Value) -> str:
-        base = v.name if v.name and _IDENT.match(v.name) else (
-            re.sub(r"[^A-Za-z0-9_.$\-]", "_", v.name) if v.name else f"arg{v.index}")
-        if base[0].isdigit() or base[0] in ".$-":
-            base = "_" + base
+        # The name is kept exactly (quoted if need be): parameters are looked up by it.
+        base = v.name or f"arg{v.index}"
         name, i = base, 1
         while name in self.used:
             name, i = f"{base}_{i}", i + 1
         self.used.add(name)
-        self.names[v] = name
-        return name
+        self.names[v] = name if _NAME.match(name) else json.dumps(name)
+        return self.names[v]
 
     def name_result(self, v: Value) -> str:
         while str(self.counter) in self.used:

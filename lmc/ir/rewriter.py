@@ -27,6 +27,7 @@ class Rewriter:
     def __init__(self, block: Block | None = None, before: Op | None = None):
         self.block, self.before = block, before
         self.changed = False
+        self.created: list[Op] = []  # ops this rewriter inserted, so a declining rule can undo
 
     def set_insertion_point(self, op: Op) -> None:
         self.block, self.before = op.parent, op
@@ -35,6 +36,7 @@ class Rewriter:
         assert self.block is not None, "no insertion point"
         idx = self.block.index(self.before) if self.before is not None else len(self.block.ops)
         self.block.insert(idx, op)
+        self.created.append(op)
         self.changed = True
         return op
 
@@ -214,6 +216,7 @@ def _rewrite_one(op: Op, rules: RuleSet) -> bool:
             continue
         new = list(out) if isinstance(out, (list, tuple)) else [out]
         if all(n is o for n, o in zip(new, op.result_values)):
+            _drop_unused(rw, op)
             continue
         rw.replace_op(op, new)
         return True
@@ -221,14 +224,11 @@ def _rewrite_one(op: Op, rules: RuleSet) -> bool:
 
 
 def _drop_unused(rw: Rewriter, anchor: Op) -> None:
-    # A rule that declined may have built ops first; remove those it left without uses.
-    block = anchor.parent
-    i = block.index(anchor) - 1
-    while i >= 0 and rw.changed:
-        op = block.ops[i]
-        if op.pure and not any(v.uses for v in op.result_values):
+    # A rule that declined may have built ops first; remove those it left without uses (only
+    # those: dead ops that were there before are DCE's business, not the driver's).
+    for op in reversed(rw.created):
+        if op.parent is not None and op.pure and not any(v.uses for v in op.result_values):
             rw.erase_op(op)
-        i -= 1
 
 
 def for_each_func(m: Module, fn: Callable[[Func], Any]) -> None:

@@ -151,7 +151,9 @@ def dim_floordiv(a: Dim, b: Dim) -> Dim:
     if isinstance(a, int) and isinstance(b, int):
         return a // b
     q = sympy.simplify(dim_expr(a) / dim_expr(b))
-    if q.is_Integer or (q.is_polynomial() and q.as_coeff_Mul()[0].q == 1):
+    # Exact when q is a polynomial with integer coefficients (B*T/T, 2*B); (B+1)/2 is not.
+    if q.is_Integer or (q.free_symbols and q.is_polynomial() and all(
+            c.is_integer for c in sympy.Poly(q, *sorted(q.free_symbols, key=str)).coeffs())):
         return canon_dim(q)
     return canon_dim(sympy.floor(q))
 

@@ -182,7 +182,10 @@ class Cast(Op):
 # ---- reductions ----------------------------------------------------------------------------
 
 def _reduced_shape(shape, axes, keepdim):
-    axes = {normalize_axis(a, len(shape)) for a in axes}
+    normalized = [normalize_axis(a, len(shape)) for a in axes]
+    if len(set(normalized)) != len(normalized):
+        raise ShapeError(f"reduction axes {list(axes)} name a dim twice")
+    axes = set(normalized)
     return tuple((1 if keepdim else None) if i in axes else d
                  for i, d in enumerate(shape) if keepdim or i not in axes)
 
@@ -247,6 +250,8 @@ class TopK(Op):
     def infer_type(self):
         ax = normalize_axis(self.axis, self.x.type.rank)
         shape = list(self.x.shape)
+        if isinstance(shape[ax], int) and not 0 <= self.k <= shape[ax]:
+            raise ShapeError(f"tensor.topk k = {self.k} is out of range for a dim of {shape[ax]}")
         shape[ax] = self.k
         return self.x.type.with_shape(shape), TensorType(tuple(shape), DType.i64)
 
@@ -338,6 +343,11 @@ class Slice(Op):
         if step < 1:
             raise ShapeError("tensor.slice needs step >= 1")
         end = size if end is None else canon_dim(end)
+        # Negative bounds count from the end, as in Python: x[-3:], x[2:-1].
+        if isinstance(start, int) and start < 0:
+            start = max(start + size, 0) if isinstance(size, int) else dim_add(size, start)
+        if isinstance(end, int) and end < 0:
+            end = max(end + size, 0) if isinstance(size, int) else dim_add(size, end)
         if isinstance(size, int) and isinstance(end, int):
             end = min(end, size)
         if isinstance(start, int) and isinstance(size, int):

@@ -1,0 +1,150 @@
+"""`lmc.compile`: a model (torch module, lmc Module, or .lmc file) → a callable compiled model."""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmc.errors import InputError, LmcError
+from lmc.ir.core import Module
+from lmc.ir.printer import print_module
+from lmc.ir.types import DType, TensorType, dim_symbols, eval_dim
+from lmc.options import TARGETS, CompileOptions, default_pipeline
+from lmc.pass_manager import PassManager
+from lmc.pass_base import parse_pipeline
+
+
+def compile(model, example_inputs=None, *, target: str = "ref", pipeline: str | None = None,
+            dynamic_shapes=None, dump_ir: str | None = None, check_numerics: bool = False,
+            options: CompileOptions | None = None) -> "CompiledModel":
+    """Compile `model` for `target`. Returns a callable; see README § Quickstart."""
+    opts = replace(options or CompileOptions(), target=target,
+                   pipeline=pipeline if pipeline is not None else (options and options.pipeline),
+                   dump_ir=dump_ir or (options and options.dump_ir) or os.environ.get(
+                       "LMC_DUMP_IR") or None,
+                   check_numerics=check_numerics or bool(options and options.check_numerics))
+    if opts.target not in TARGETS:
+        raise LmcError(f"target '{opts.target}' is not available yet; available: "
+                       f"{', '.join(TARGETS)} (cpu and gpu arrive with their backends)")
+    module = _import(model, example_inputs, dynamic_shapes)
+    artifacts = {"import": print_module(module)}
+    passes = parse_pipeline(opts.pipeline if opts.pipeline is not None
+                            else ",".join(default_pipeline(opts)))
+    samples = None
+    if opts.check_numerics:
+        if example_inputs is None:
+            raise LmcError("check_numerics=True needs example_inputs to run the passes on")
+        samples = [_to_numpy(x) for x in _flatten_inputs(example_inputs)]
+    pm = PassManager(passes, dump_ir=opts.dump_ir, check_numerics=opts.check_numerics,
+                     sample_inputs=samples, rtol=opts.numerics_rtol, atol=opts.numerics_atol,
+                     verify_each=opts.verify_each)
+    pm.run(module)
+    artifacts["optimized"] = print_module(module)
+    return CompiledModel(module, artifacts, opts, pm)
+
+
+def _import(model, example_inputs, dynamic_shapes) -> Module:
+    if isinstance(model, Module):
+        return model.clone()
+    if isinstance(model, (str, Path)):
+        from lmc.ir.parser import parse_file
+        return parse_file(model)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the torch frontend only
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise LmcError("compiling a torch.nn.Module needs example_inputs (a tuple of "
+                           "tensors) for torch.export")
+        from lmc.frontends.torch import import_module
+        return import_module(model, tuple(_as_tuple(example_inputs)), dynamic_shapes)
+    raise LmcError(f"cannot compile a {type(model).__name__}: pass a torch.nn.Module, an "
+                   "lmc.ir.Module, or the path of a .lmc file")
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _flatten_inputs(inputs) -> list:
+    return list(_as_tuple(inputs))
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class CompiledModel:
+    """A compiled model: call it with torch tensors (→ torch) or numpy arrays (→ numpy)."""
+
+    def __init__(self, module: Module, artifacts: dict[str, str], options: CompileOptions,
+                 pass_manager: PassManager | None = None):
+        self.module = module
+        self.artifacts = artifacts
+        self.options = options
+        self.pass_records = pass_manager.records if pass_manager else []
+        self.func = module.main
+
+    @property
+    def signature(self) -> list[tuple[str, TensorType]]:
+        return [(a.name, a.type) for a in self.func.inputs]
+
+    def __call__(self, *inputs) -> Any:
+        arrays, is_torch = self._check_inputs(inputs)
+        from lmc.backends.reference import run_func
+        outs = run_func(self.module, arrays, self.func)
+        return self._pack(outs, is_torch)
+
+    def _check_inputs(self, inputs) -> tuple[list[np.ndarray], bool]:
+        formal = self.func.inputs
+        if len(inputs) != len(formal):
+            names = ", ".join(f"{a.name}: {a.type}" for a in formal)
+            raise InputError(f"the model takes {len(formal)} input(s) ({names}), got "
+                             f"{len(inputs)}")
+        is_torch = any(hasattr(x, "detach") for x in inputs)
+        arrays = [_to_numpy(x) for x in inputs]
+        env: dict[str, int] = {}
+        for i, (arg, arr) in enumerate(zip(formal, arrays)):
+            check_input(i, arg.name, arg.type, arr, env)
+        return arrays, is_torch
+
+    def _pack(self, outs: list[np.ndarray], is_torch: bool):
+        if is_torch:
+            import torch
+            outs = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
+        spec = self.module.meta.get("out_spec")
+        if spec is not None:
+            from torch.utils import _pytree
+            return _pytree.tree_unflatten(outs, spec)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def check_input(i: int, name: str, t: TensorType, arr: np.ndarray, env: dict[str, int]) -> None:
+    """Raise InputError unless `arr` fits type `t`; binds plain symbols in `env` as it goes."""
+    where = f"input {i} ('{name}')"
+    if arr.ndim != t.rank:
+        raise InputError(f"{where}: expected rank {t.rank} ({t}), got shape {list(arr.shape)}")
+    try:
+        got = DType.from_numpy(arr.dtype)
+    except LmcError:
+        got = None
+    if got is not t.dtype:
+        raise InputError(f"{where}: expected dtype {t.dtype.value} ({t}), got {arr.dtype}")
+    for axis, (d, n) in enumerate(zip(t.shape, arr.shape)):
+        if isinstance(d, int):
+            if d != n:
+                raise InputError(f"{where}: dim {axis} must be {d} ({t}), got {n}")
+        elif d.isidentifier():
+            if env.setdefault(d, n) != n:
+                raise InputError(f"{where}: dim {axis} is '{d}' = {env[d]} from an earlier "
+                                 f"input, but here it is {n}")
+    for axis, (d, n) in enumerate(zip(t.shape, arr.shape)):
+        if isinstance(d, str) and not d.isidentifier() and dim_symbols(d) <= set(env):
+            if eval_dim(d, env) != n:
+                raise InputError(f"{where}: dim {axis} must be {d} = {eval_dim(d, env)}, got {n}")

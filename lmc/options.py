@@ -1,0 +1,29 @@
+"""The one options object of a compile. Environment variables are read only for debug output
+(LMC_DUMP_IR), in `lmc.compile`, never deep in the core."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TARGETS = ("ref",)  # "cpu" and "gpu" join with their backends
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "ref"
+    pipeline: str | None = None          # None: default_pipeline(options)
+    dump_ir: str | None = None           # directory for per-pass dumps
+    check_numerics: bool = False         # run the interpreter after every pass and compare
+    numerics_rtol: float = 1e-4
+    numerics_atol: float = 1e-5
+    verify_each: bool = True             # verify after every pass (cheap; keep on)
+
+
+def default_pipeline(options: CompileOptions) -> list[str]:
+    """The compiler, as one list of named passes."""
+    return [
+        "canonicalize",
+        "raise-moe",      # per-expert loops → route / grouped matmul / combine
+        "canonicalize",
+        "cse",
+        "dce",
+    ]

@@ -1,0 +1,63 @@
+"""lmc.compile on IR and text inputs: signature checks and clear input errors."""
+import numpy as np
+import pytest
+import torch
+
+import lmc
+
+TEXT = """func @main(%ids: i64[B,T], %x: f32[B,T,4], %w: f32[4,3] {param}) -> (f32[B,T,3], i64[B,T]) {
+  %0 = tensor.matmul %x, %w : f32[B,T,3]
+  func.return %0, %ids
+}
+"""
+
+
+@pytest.fixture
+def cm(tmp_path):
+    path = tmp_path / "m.lmc"
+    path.write_text(TEXT)
+    from safetensors.numpy import save_file
+    save_file({"w": np.ones((4, 3), np.float32)}, str(tmp_path / "m.lmc.safetensors"))
+    return lmc.compile(str(path))
+
+
+def test_numpy_in_numpy_out_and_torch_in_torch_out(cm):
+    ids, x = np.zeros((2, 5), np.int64), np.ones((2, 5, 4), np.float32)
+    y, ids2 = cm(ids, x)
+    assert isinstance(y, np.ndarray) and y.shape == (2, 5, 3) and np.all(y == 4)
+    y, _ = cm(torch.from_numpy(ids), torch.from_numpy(x))
+    assert isinstance(y, torch.Tensor)
+    assert cm.artifacts["import"].startswith("func @main") and "optimized" in cm.artifacts
+    assert str(cm.module) == cm.artifacts["optimized"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (((2, 5),), "takes 2 input"),
+    (((2, 5), (2, 5, 4, 1)), "input 1 \\('x'\\): expected rank 3"),
+    (((2, 5), (2, 5, 7)), "dim 2 must be 4"),
+    (((2, 5), (2, 6, 4)), "'T' = 5 from an earlier input"),
+])
+def test_input_errors(cm, args, message):
+    arrays = [np.zeros(s, np.int64 if i == 0 else np.float32) for i, s in enumerate(args)]
+    with pytest.raises(lmc.InputError, match=message):
+        cm(*arrays)
+
+
+def test_dtype_error(cm):
+    with pytest.raises(lmc.InputError, match="expected dtype i64"):
+        cm(np.zeros((2, 5), np.float32), np.zeros((2, 5, 4), np.float32))
+
+
+def test_unknown_target_and_bad_model():
+    m = lmc.parse(TEXT, params={"w": np.ones((4, 3), np.float32)})
+    with pytest.raises(lmc.LmcError, match="target 'tpu'"):
+        lmc.compile(m, target="tpu")
+    with pytest.raises(lmc.LmcError, match="cannot compile a int"):
+        lmc.compile(3)
+
+
+def test_compile_does_not_mutate_the_given_module():
+    m = lmc.parse(TEXT, params={"w": np.ones((4, 3), np.float32)})
+    before = str(m)
+    lmc.compile(m)
+    assert str(m) == before
