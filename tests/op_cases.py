@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ml_dtypes import bfloat16 as _BF16
 
 from lmc.ir.core import Block, Func, Location, Module, Region
 from lmc.ir.parser import Parser
@@ -347,6 +348,7 @@ def _with_neg_inf(rng):
     x = f32(rng, 7, 13, scale=3.0)
     x[0, [1, 4]] = -np.inf
     x[2, :12] = -np.inf  # a row with one finite entry
+    x[3] = -np.inf  # all masked: NaN, as in torch
     return [x]
 
 
@@ -510,3 +512,35 @@ case("moe_grouped_matmul", "moe.grouped_matmul",
 case("moe_combine", "moe.combine",
      lambda rng: [f32(rng, N_TOK * K, D), _sorted_slots(rng)[1],
                   rng.random((N_TOK, K)).astype(np.float32)], _combine_ref)
+
+# ---- symbolic operand types and low precision -----------------------------------------------
+# f16/bf16 are compared with the float64 reference at their own precision (rtol ~ 2 ulp).
+
+case("attention_sym", "tensor.attention", _qkv(2, 4, 2, 7, 7, 8), _sdpa(causal=True, gqa=True),
+     arg_types=["f32[B,4,T,8]", "f32[B,2,T,8]", "f32[B,2,T,8]"], attrs={"causal": True})
+case("concat_sym", "tensor.concat", lambda rng: [f32(rng, 2, 7), f32(rng, 2, 5)],
+     lambda a, b: torch.cat([a, b], 1), arg_types=["f32[B,T]", "f32[B,S]"], attrs={"axis": 1})
+case("slice_sym_step", "tensor.slice", randn(13, 3), lambda x: x[1::2],
+     arg_types=["f32[T,3]"], attrs={"start": 1, "step": 2})
+case("slice_negative_start", "tensor.slice", randn(7, 13), lambda x: x[:, -3:],
+     attrs={"axis": 1, "start": -3})
+case("slice_negative_end_sym", "tensor.slice", randn(13, 3), lambda x: x[2:-1],
+     arg_types=["f32[T,3]"], attrs={"start": 2, "end": -1})
+case("take_negative_idx", "tensor.take",
+     lambda rng: [f32(rng, 13, 7), rng.integers(-13, 13, (5,)).astype(np.int64)],
+     lambda x, i: x[i])
+case("mean_sym", "tensor.mean", randn(3, 13, 7), lambda x: x.mean((0, 1)),
+     arg_types=["f32[B,T,7]"], attrs={"axes": (0, 1)})
+case("exp_f16", "tensor.exp", lambda rng: [f32(rng, 7, 13).astype(np.float16)], torch.exp,
+     rtol=2e-3, atol=1e-3)
+case("add_bf16", "tensor.add",
+     lambda rng: [f32(rng, 7, 13).astype(_BF16), f32(rng, 13).astype(_BF16)], torch.add,
+     rtol=1.6e-2, atol=1e-2)
+case("softmax_f16", "tensor.softmax", lambda rng: [f32(rng, 7, 13, scale=3).astype(np.float16)],
+     lambda x: torch.softmax(x, -1), rtol=2e-3, atol=1e-3)
+case("gelu_f64", "tensor.gelu", lambda rng: [f32(rng, 13).astype(np.float64)], F.gelu,
+     rtol=1e-12, atol=1e-14)
+case("layer_norm_f16", "tensor.layer_norm",
+     lambda rng: [f32(rng, 7, 13).astype(np.float16), f32(rng, 13).astype(np.float16),
+                  f32(rng, 13).astype(np.float16)],
+     lambda x, w, b: F.layer_norm(x, (13,), w, b, 1e-5), rtol=1e-2, atol=1e-2)

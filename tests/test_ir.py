@@ -10,8 +10,7 @@ import pytest
 
 import lmc
 from lmc.ir import DType, TensorType, parse, print_module
-from lmc.ir.core import Block, Func, Location, Module, Region
-from lmc.ir.ops import OPS
+from lmc.ir.core import REQUIRED, Block, Func, Location, Module, Op
 from lmc.ir.rewriter import Rewriter
 from lmc.ir.verifier import verify
 
@@ -51,12 +50,12 @@ def test_round_trip_kernel_fused():
 # Canonical texts: parsing then printing gives back exactly the same characters.
 GOLDEN = [
     # symbolic dims, products of symbols, params and buffers, locations with and without file
-    """func @block(%x: f32[B,T,16], %w: f32[16,48] {param}, %pe: f32[T,16] {buffer}) -> (f32[B*T,16], f32[B,T,48]) {
-  %0 = tensor.add %x, %pe : f32[B,T,16]  loc("blocks.0.pos")
-  %1 = tensor.layer_norm %0 {num_axes = 1, eps = 1e-05} : f32[B,T,16]  loc("blocks.0.ln1" "model.py":12)
-  %2 = tensor.matmul %1, %w : f32[B,T,48]  loc("" "model.py":13)
-  %3 = tensor.reshape %1 : f32[B*T,16]
-  func.return %3, %2
+    """func @f(%x: f32[B,T,4], %w: f32[4,6] {param}, %p: f32[T,4] {buffer}) -> (f32[B*T,4]) {
+  %0 = tensor.add %x, %p : f32[B,T,4]  loc("blocks.0.pos")
+  %1 = tensor.layer_norm %0 {num_axes = 1, eps = 1e-05} : f32[B,T,4]  loc("blocks.0.ln1" "m.py":12)
+  %2 = tensor.matmul %1, %w : f32[B,T,6]  loc("" "model.py":13)
+  %3 = tensor.reshape %1 : f32[B*T,4]
+  func.return %3
 }
 """,
     # multi-result ops, an op without results, two functions, names with dots and dashes
@@ -73,7 +72,7 @@ func @empty() -> () {
     # every kind of attribute: negative int, floats (1e-05, -inf, nan, -0.0, huge), bool, strings
     # with quotes and escapes, dtype, lists, nested lists, none
     """func @main(%x: f32[7,13], %t: i64[7]) -> (f32[], i32[7,13], f32[7,13]) {
-  %0 = tensor.cross_entropy %x, %t {ignore_index = -100, label_smoothing = 0.1, reduction = "mean"} : f32[]
+  %0 = tensor.argmax %x {axis = -1, keepdim = false} : i64[7]
   %1 = tensor.cast %x {dtype = i32} : i32[7,13]
   %2 = tensor.constant {value = [[1.0, -inf], [nan, inf]]} : f32[2,2]
   %3 = tensor.constant {value = -0.0} : f32[]
@@ -93,9 +92,9 @@ func @empty() -> () {
 }
 """,
     # a symbol of a data-dependent size; attention with all its operands
-    """func @main(%m: bool[7,13], %q: f32[1,4,7,8], %k: f32[1,2,13,8], %v: f32[1,2,13,8]) -> (i64[n,2], f32[1,4,7,8]) {
+    """func @g(%m: bool[7,9], %q: f32[4,7,8], %k: f32[2,9,8]) -> (i64[n,2], f32[4,7,8]) {
   %0 = tensor.nonzero %m : i64[n,2]
-  %1 = tensor.attention %q, %k, %v, %m {causal = true, scale = none} : f32[1,4,7,8]
+  %1 = tensor.attention %q, %k, %k, %m {causal = true, scale = none} : f32[4,7,8]
   func.return %0, %1
 }
 """,
@@ -164,25 +163,44 @@ def test_parsed_list_attributes_are_tuples():
     assert ops[7].axes == (0, -1) and hash(ops[7].axes)
 
 
+@pytest.mark.parametrize("loc", [Location("a"), Location("", "f.py", 1),
+                                 Location('m["x"].proj', "dir with space/é.py", 123456),
+                                 Location("onnx::Gemm_7\\n", "<stdin>", 0)], ids=str)
+def test_location_text_round_trip(loc):
+    f = Func("main")
+    x = f.add_arg(F32_7, "x")
+    rw = Rewriter(f.body)
+    rw.create("func.return", [rw.value("tensor.exp", x, loc=loc)])
+    m = Module()
+    m.add_func(f)
+    round_trip(m)
+    assert parse(print_module(m)).main.body.ops[0].loc == loc
+
+
 def test_locations_survive_clone():
     m = parse(GOLDEN[0])
     locs = [op.loc for op in m.clone().walk()]
-    assert locs[:3] == [Location("blocks.0.pos"), Location("blocks.0.ln1", "model.py", 12),
+    assert locs[:3] == [Location("blocks.0.pos"), Location("blocks.0.ln1", "m.py", 12),
                         Location("", "model.py", 13)]
 
 
-def test_param_names_survive_text():
-    # nn.Sequential names its weights "0.weight"; the text must keep the name the arrays use.
+@pytest.mark.parametrize("name", ["0.weight", "0", "3", "blocks.0.ln-1$w", "onnx::MatMul_12",
+                                  "/layers.0/Add_output_0", "a b", 'q"uote', "é"])
+def test_param_names_survive_text(name):
+    # Weights are found by argument name, so the text keeps names exactly: nn.Sequential's
+    # "0.weight" bare, ONNX's "onnx::MatMul_12" quoted.
     f = Func("main")
     x = f.add_arg(F32_7, "x")
-    w = f.add_arg(F32_7, "0.weight", "param")
+    w = f.add_arg(F32_7, name, "param")
     rw = Rewriter(f.body)
-    rw.create("func.return", [rw.value("tensor.add", x, w)])
-    m = Module(params={"0.weight": np.ones(7, np.float32)})
+    rw.create("func.return", [rw.value("tensor.add", x, w), rw.value("tensor.exp", w)])
+    m = Module(params={name: np.ones(7, np.float32)})
     m.add_func(f)
     verify(m)
+    text = round_trip(m)
+    assert [a.name for a in m.clone().main.body.args] == ["x", name]
     verify(m.clone())
-    round_trip(m)
+    assert "%0 = " in text or name == "0"  # results are numbered around argument names
 
 
 # ---- use lists and the rewriter --------------------------------------------------------------
@@ -201,7 +219,7 @@ def test_use_lists_follow_rewrites():
     neg = rw.value("tensor.neg", x)
     rw.replace_all_uses(exp.result, neg)
     rw.erase_op(exp)
-    assert not x.uses[0][0] is exp and len(neg.uses) == 2
+    assert x.uses[0][0] is not exp and len(neg.uses) == 2
     verify(m)
     assert "tensor.neg %x" in print_module(m) and "tensor.exp" not in print_module(m)
 
@@ -282,8 +300,17 @@ def test_verify_unknown_attribute():
 
 
 def test_verify_missing_required_attribute_names_the_op():
-    with pytest.raises(lmc.VerificationError, match="tensor.gelu|unknown"):
-        _module(lambda rw, x, y: rw.value("tensor.gelu", x, approx="tanh", loc=LOC))
+    class NeedsK(Op):  # not registered: REQUIRED is unused by the ops of today
+        name = "test.needs_k"
+        operands = ("x",)
+        attrs = {"k": REQUIRED}
+
+        def infer_type(self):
+            return self.x.type
+
+    with pytest.raises(lmc.VerificationError, match=r"test\.needs_k.*model\.py:77.*'k'"):
+        NeedsK([Block([F32_7]).args[0]], {}, loc=LOC)
+    assert NeedsK([Block([F32_7]).args[0]], {"k": 2}).k == 2
 
 
 def test_verify_missing_return():
