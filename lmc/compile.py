@@ -117,10 +117,12 @@ class CompiledModel:
     def _pack(self, outs: list[np.ndarray], is_torch: bool):
         if is_torch:
             import torch
-            outs = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
-        spec = self.module.meta.get("out_spec")
-        if spec is not None:
-            from torch.utils import _pytree
+            # np.array copies: outputs may be read-only views (broadcasts), and unlike
+            # np.ascontiguousarray it keeps 0-d arrays 0-d (a scalar loss stays a scalar).
+            outs = [torch.from_numpy(np.array(o, order="C")) for o in outs]
+        spec = self.module.meta.get("torch_out_spec")
+        if is_torch and spec is not None and spec.num_leaves == len(outs):
+            from torch.utils import _pytree  # same structure as the torch model returned
             return _pytree.tree_unflatten(outs, spec)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
