@@ -13,13 +13,13 @@ from lmc.ir.core import Module
 from lmc.ir.printer import print_module
 from lmc.ir.types import DType, TensorType, dim_symbols, eval_dim
 from lmc.options import TARGETS, CompileOptions, default_pipeline
-from lmc.pass_manager import PassManager
 from lmc.pass_base import parse_pipeline
+from lmc.pass_manager import PassManager
 
 
 def compile(model, example_inputs=None, *, target: str = "ref", pipeline: str | None = None,
             dynamic_shapes=None, dump_ir: str | None = None, check_numerics: bool = False,
-            options: CompileOptions | None = None) -> "CompiledModel":
+            options: CompileOptions | None = None) -> CompiledModel:
     """Compile `model` for `target`. Returns a callable; see README § Quickstart."""
     opts = replace(options or CompileOptions(), target=target,
                    pipeline=pipeline if pipeline is not None else (options and options.pipeline),
@@ -139,14 +139,12 @@ def check_input(i: int, name: str, t: TensorType, arr: np.ndarray, env: dict[str
     if got is not t.dtype:
         raise InputError(f"{where}: expected dtype {t.dtype.value} ({t}), got {arr.dtype}")
     for axis, (d, n) in enumerate(zip(t.shape, arr.shape)):
-        if isinstance(d, int):
-            if d != n:
-                raise InputError(f"{where}: dim {axis} must be {d} ({t}), got {n}")
-        elif d.isidentifier():
-            if env.setdefault(d, n) != n:
-                raise InputError(f"{where}: dim {axis} is '{d}' = {env[d]} from an earlier "
-                                 f"input, but here it is {n}")
+        if isinstance(d, int) and d != n:
+            raise InputError(f"{where}: dim {axis} must be {d} ({t}), got {n}")
+        if isinstance(d, str) and d.isidentifier() and env.setdefault(d, n) != n:
+            raise InputError(f"{where}: dim {axis} is '{d}' = {env[d]} from an earlier "
+                             f"input, but here it is {n}")
     for axis, (d, n) in enumerate(zip(t.shape, arr.shape)):
-        if isinstance(d, str) and not d.isidentifier() and dim_symbols(d) <= set(env):
-            if eval_dim(d, env) != n:
-                raise InputError(f"{where}: dim {axis} must be {d} = {eval_dim(d, env)}, got {n}")
+        derived = isinstance(d, str) and not d.isidentifier() and dim_symbols(d) <= set(env)
+        if derived and eval_dim(d, env) != n:
+            raise InputError(f"{where}: dim {axis} must be {d} = {eval_dim(d, env)}, got {n}")

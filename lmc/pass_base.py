@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from lmc.errors import PipelineError
 from lmc.ir.core import Module
 
-PASSES: dict[str, type["Pass"]] = {}
+PASSES: dict[str, type[Pass]] = {}
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import difflib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class PassManager:
     records: list[PassRecord] = field(default_factory=list)
 
     @staticmethod
-    def from_pipeline(text: str, **kwargs) -> "PassManager":
+    def from_pipeline(text: str, **kwargs) -> PassManager:
         return PassManager(parse_pipeline(text), **kwargs)
 
     def run(self, module: Module) -> Module:

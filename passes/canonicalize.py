@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from lmc.backends.reference.interpreter import IMPL
-from lmc.passes.dce import eliminate_dead_ops
 
+from lmc.backends.reference.interpreter import IMPL
 from lmc.errors import LmcError
 from lmc.ir.core import Module, Op, Value
 from lmc.ir.ops.tensor import Constant
 from lmc.ir.rewriter import P, Rewriter, RuleSet, apply_rules, splat_value
 from lmc.ir.types import DType, TensorType, broadcast_shapes
 from lmc.pass_base import Pass, register_pass
+from lmc.passes.dce import eliminate_dead_ops
 
 # Folding evaluates ops in numpy at compile time; bound the work so that a broadcast of a splat
 # to a huge shape is not materialized just to learn that it is still a splat.

@@ -169,7 +169,7 @@ def _match_branch(ia: Op, func: Func) -> _Branch:
     mul = _op(ia.src, "tensor.mul")
     if mul is None:
         raise _Skip(f"index_add source at {ia.loc} is not an expert output times its weight")
-    for y, w in ((mul.lhs, mul.rhs), (mul.rhs, mul.lhs)):
+    for y, w in ((mul.lhs, mul.rhs), (mul.rhs, mul.lhs)):  # noqa: B007  (y used below)
         topw = _route_weight(w, nz)
         if topw is not None:
             break

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
+from lmc import zoo
+
 # ---- GPT -------------------------------------------------------------------------------------
 
 
@@ -180,45 +182,13 @@ class LlamaBlock(nn.Module):
 # ---- MoE (the sparse loop of /work/shared/reference/baseline_models.py) -------------------------
 
 
-class MoE(nn.Module):
-    def __init__(self, d=16, f=24, experts=4, topk=2):
-        super().__init__()
-        self.E, self.k = experts, topk
-        self.gate = nn.Linear(d, experts, bias=False)
-        s = 1 / math.sqrt(d)
-        self.w1 = nn.Parameter(torch.randn(experts, d, f) * s)
-        self.w3 = nn.Parameter(torch.randn(experts, d, f) * s)
-        self.w2 = nn.Parameter(torch.randn(experts, f, d) / math.sqrt(f))
-
-    def forward(self, x):  # x: [N, d]
-        probs = torch.softmax(self.gate(x), dim=-1)
-        topw, topi = probs.topk(self.k, dim=-1)
-        topw = topw / topw.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in range(self.E):
-            tok, slot = torch.where(topi == e)
-            xe = x[tok]
-            h = F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])
-            out.index_add_(0, tok, (h @ self.w2[e]) * topw[tok, slot].unsqueeze(-1))
-        return out
+# The MoE and LoRA models are the built-in ones (lmc.zoo), at test sizes.
+def MoE(d=16, f=24, experts=4, topk=2):
+    return zoo.MoE(d, f, experts, topk)
 
 
-# ---- LoRA --------------------------------------------------------------------------------------
-
-
-class LoRALinear(nn.Module):
-    """W x + (alpha/r) B A x with the base layer frozen."""
-
-    def __init__(self, fin=24, fout=20, r=4, alpha=8):
-        super().__init__()
-        self.base = nn.Linear(fin, fout)
-        self.base.requires_grad_(False)
-        self.A = nn.Parameter(torch.randn(r, fin) * 0.1)
-        self.B = nn.Parameter(torch.randn(fout, r) * 0.1)
-        self.scale = alpha / r
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.A.t()) @ self.B.t() * self.scale
+def LoRALinear(fin=24, fout=20, r=4, alpha=8):
+    return zoo.LoRALinear(fin, fout, r, alpha)
 
 
 # ---- a model with its loss --------------------------------------------------------------------

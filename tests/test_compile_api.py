@@ -5,7 +5,9 @@ import torch
 
 import lmc
 
-TEXT = """func @main(%ids: i64[B,T], %x: f32[B,T,4], %w: f32[4,3] {param}) -> (f32[B,T,3], i64[B,T]) {
+TEXT = """\
+func @main(%ids: i64[B,T], %x: f32[B,T,4], %w: f32[4,3] {param})\
+ -> (f32[B,T,3], i64[B,T]) {
   %0 = tensor.matmul %x, %w : f32[B,T,3]
   func.return %0, %ids
 }
@@ -23,7 +25,8 @@ def cm(tmp_path):
 
 def test_numpy_in_numpy_out_and_torch_in_torch_out(cm):
     ids, x = np.zeros((2, 5), np.int64), np.ones((2, 5, 4), np.float32)
-    y, ids2 = cm(ids, x)
+    y, ids_out = cm(ids, x)
+    assert np.array_equal(ids_out, ids)
     assert isinstance(y, np.ndarray) and y.shape == (2, 5, 3) and np.all(y == 4)
     y, _ = cm(torch.from_numpy(ids), torch.from_numpy(x))
     assert isinstance(y, torch.Tensor)

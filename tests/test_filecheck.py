@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lmc.backends.reference.interpreter import run_func
 
+from lmc.backends.reference.interpreter import run_func
 from lmc.ir import parse, print_module
 from lmc.ir.core import Module
 from lmc.ir.types import eval_shape

@@ -7,14 +7,13 @@ import math
 
 import numpy as np
 import pytest
+from op_cases import CASES, Case, build, fused_module
 
 import lmc
 from lmc.ir import DType, TensorType, parse, print_module
 from lmc.ir.core import REQUIRED, Block, Func, Location, Module, Op
 from lmc.ir.rewriter import Rewriter
 from lmc.ir.verifier import verify
-
-from op_cases import CASES, Case, build, fused_module
 
 F32_7 = TensorType((7,), DType.f32)
 

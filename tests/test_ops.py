@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from op_cases import CASES, SEED, STRUCTURAL, Case, build, fused_module
 
 from lmc.backends.reference.interpreter import IMPL, run_func
 from lmc.ir import parse
 from lmc.ir.ops import OPS
 from lmc.ir.verifier import verify
-
-from op_cases import CASES, SEED, STRUCTURAL, Case, build, fused_module
 
 
 def _to_torch(x: np.ndarray, f64: bool) -> torch.Tensor:

@@ -98,7 +98,8 @@ def test_timings_and_records():
     assert all(r.seconds >= 0 for r in pm.records)
 
 
-@pytest.mark.parametrize("bad", ["nosuchpass", "cse{nosuchoption=1}", "cse,,{", "dce{drop_unused_weights=maybe}"])
+@pytest.mark.parametrize("bad", ["nosuchpass", "cse{nosuchoption=1}", "cse,,{",
+                                 "dce{drop_unused_weights=maybe}"])
 def test_bad_pipelines_are_clear_errors(bad):
     with pytest.raises(lmc.PipelineError):
         parse_pipeline(bad)

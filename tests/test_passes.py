@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lmc.backends.reference.interpreter import run_func
-from lmc.passes.canonicalize import RULES
 
+from lmc.backends.reference.interpreter import run_func
 from lmc.ir import parse, print_module
 from lmc.ir.rewriter import P, RuleSet, apply_rules
 from lmc.ir.verifier import verify
 from lmc.pass_base import parse_pipeline
+from lmc.passes.canonicalize import RULES
 
 PIPELINES = ["canonicalize", "cse", "dce", "canonicalize,cse,dce"]
 
@@ -119,7 +119,7 @@ def test_pipeline_shrinks_random_modules():
         for p in parse_pipeline("canonicalize,cse,dce"):
             p.run(m)
         after += sum(m.op_counts().values())
-        assert "u" not in m.params and "w" in m.params or "tensor.matmul" not in str(m)
+        assert ("u" not in m.params and "w" in m.params) or "tensor.matmul" not in str(m)
     assert after < 0.7 * before
 
 

@@ -316,28 +316,10 @@ func @main(%x: f32[13,8], %topi: i64[13,1], %topw: f32[13,1], %w1: f32[2,8,12] {
 
 # ---- end to end through the torch frontend ---------------------------------------------------
 
-class BaselineMoE(torch.nn.Module):
-    """MoE impl='sparse' of /work/shared/reference/baseline_models.py, small sizes."""
-
-    def __init__(self, d=8, f=12, experts=4, topk=2):
-        super().__init__()
-        self.E, self.k = experts, topk
-        self.gate = torch.nn.Linear(d, experts, bias=False)
-        self.w1 = torch.nn.Parameter(torch.randn(experts, d, f) / d ** 0.5)
-        self.w3 = torch.nn.Parameter(torch.randn(experts, d, f) / d ** 0.5)
-        self.w2 = torch.nn.Parameter(torch.randn(experts, f, d) / f ** 0.5)
-
-    def forward(self, x):
-        probs = torch.softmax(self.gate(x), dim=-1)
-        topw, topi = probs.topk(self.k, dim=-1)
-        topw = topw / topw.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in range(self.E):
-            tok, slot = torch.where(topi == e)
-            xe = x[tok]
-            h = F.silu(xe @ self.w1[e]) * (xe @ self.w3[e])
-            out.index_add_(0, tok, (h @ self.w2[e]) * topw[tok, slot].unsqueeze(-1))
-        return out
+def BaselineMoE(d=8, f=12, experts=4, topk=2):
+    """MoE impl='sparse' of the baseline models (lmc.zoo.MoE), small sizes."""
+    from lmc.zoo import MoE
+    return MoE(d, f, experts, topk)
 
 
 def _import_or_skip(model, example):

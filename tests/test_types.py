@@ -6,9 +6,22 @@ import pytest
 import sympy
 
 from lmc.errors import ShapeError
-from lmc.ir.types import (DType, TensorType, broadcast_shapes, canon_dim, dim_add, dim_div,
-                          dim_floordiv, dim_mul, dim_sub, dim_symbols, dims_equal, eval_dim,
-                          eval_shape, normalize_axis)
+from lmc.ir.types import (
+    DType,
+    TensorType,
+    broadcast_shapes,
+    canon_dim,
+    dim_add,
+    dim_div,
+    dim_floordiv,
+    dim_mul,
+    dim_sub,
+    dim_symbols,
+    dims_equal,
+    eval_dim,
+    eval_shape,
+    normalize_axis,
+)
 
 # sympy reads these as constants (E = e, I = sqrt(-1), N = evalf, S = singleton registry)
 SYMPY_CONSTANTS = ["E", "I", "N", "S", "Q", "O", "pi", "gamma", "beta", "zeta"]

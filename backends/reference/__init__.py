@@ -1,2 +1,2 @@
 """The numpy reference interpreter: the semantic oracle of every test."""
-from lmc.backends.reference.interpreter import IMPL, run_func, run_block, bind_symbols  # noqa: F401
+from lmc.backends.reference.interpreter import IMPL, bind_symbols, run_block, run_func  # noqa: F401

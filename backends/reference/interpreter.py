@@ -7,7 +7,7 @@ and from data-dependent ops as they run).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

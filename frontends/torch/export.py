@@ -42,7 +42,7 @@ class TorchExportError(LmcError):
 def export(model: torch.nn.Module, example_inputs: tuple, dynamic_shapes=None):
     try:
         return torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
-    except Exception as exc:  # noqa: BLE001  (torch raises many kinds; none should escape raw)
+    except Exception as exc:
         first = str(exc).strip().splitlines()
         raise TorchExportError(
             f"torch.export failed on {type(model).__name__}: {type(exc).__name__}: "

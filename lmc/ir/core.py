@@ -6,8 +6,9 @@ knows nothing about what any particular op means.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -37,9 +38,9 @@ UNKNOWN_LOC = Location()
 class Value:
     """An SSA value: a block argument or an op result."""
 
-    __slots__ = ("type", "owner", "index", "uses", "name")
+    __slots__ = ("index", "name", "owner", "type", "uses")
 
-    def __init__(self, type: TensorType, owner: "Op | Block", index: int, name: str = ""):
+    def __init__(self, type: TensorType, owner: Op | Block, index: int, name: str = ""):
         self.type = type
         self.owner = owner
         self.index = index
@@ -47,7 +48,7 @@ class Value:
         self.name = name  # block arguments keep a user-facing name ("x", "blocks.0.ln1.weight")
 
     @property
-    def op(self) -> "Op | None":
+    def op(self) -> Op | None:
         """The defining op, or None for a block argument."""
         return self.owner if isinstance(self.owner, Op) else None
 
@@ -60,13 +61,13 @@ class Value:
         return self.type.dtype
 
     @property
-    def users(self) -> list["Op"]:
+    def users(self) -> list[Op]:
         seen: dict[int, Op] = {}
         for op, _ in self.uses:
             seen.setdefault(id(op), op)
         return list(seen.values())
 
-    def replace_all_uses_with(self, new: "Value") -> None:
+    def replace_all_uses_with(self, new: Value) -> None:
         for op, i in list(self.uses):
             op.set_operand(i, new)
 
@@ -100,7 +101,7 @@ class Op:
 
     def __init__(self, operands: Sequence[Value], attributes: dict[str, Any] | None = None,
                  result_types: Sequence[TensorType] | None = None,
-                 regions: Sequence["Region"] = (), loc: Location = UNKNOWN_LOC):
+                 regions: Sequence[Region] = (), loc: Location = UNKNOWN_LOC):
         self.operand_values: list[Value] = []
         self.loc = loc  # first: attribute errors below name the location
         self.attributes: dict[str, Any] = self._fill_attrs(attributes or {})
@@ -180,7 +181,7 @@ class Op:
         return self.result_values
 
     @property
-    def body(self) -> "Block":
+    def body(self) -> Block:
         return self.regions[0].blocks[0]
 
     # -- semantics hooks -----------------------------------------------------------------------
@@ -213,7 +214,7 @@ class Op:
                     f"result type {', '.join(map(str, got))} does not match the inferred "
                     f"{', '.join(map(str, inferred))}", op=self)
 
-    def clone(self, operands: Sequence[Value], mapping: dict[Value, Value] | None = None) -> "Op":
+    def clone(self, operands: Sequence[Value], mapping: dict[Value, Value] | None = None) -> Op:
         """A copy of this op with new operands (regions are cloned deeply)."""
         regions = [r.clone() for r in self.regions]
         new = type(self)(operands, dict(self.attributes),
@@ -273,7 +274,7 @@ class Block:
                 for b in r.blocks:
                     yield from b.walk()
 
-    def clone(self) -> "Block":
+    def clone(self) -> Block:
         new = Block([a.type for a in self.args], [a.name for a in self.args])
         mapping = dict(zip(self.args, new.args))
         for op in self.ops:
@@ -290,7 +291,7 @@ class Region:
         for b in self.blocks:
             b.parent = self
 
-    def clone(self) -> "Region":
+    def clone(self) -> Region:
         return Region([b.clone() for b in self.blocks])
 
 
@@ -385,10 +386,9 @@ class Module:
             counts[op.name] = counts.get(op.name, 0) + 1
         return dict(sorted(counts.items()))
 
-    def clone(self) -> "Module":
+    def clone(self) -> Module:
         """Deep copy of the IR (weights are shared: passes replace arrays, never mutate them)."""
         from lmc.ir.parser import parse  # the text round-trip is the one copy mechanism tested
-
         from lmc.ir.printer import print_module
         m = parse(print_module(self), params=dict(self.params))
         m.meta = dict(self.meta)

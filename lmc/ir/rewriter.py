@@ -11,8 +11,9 @@ multi-result ops), or None when it declines. `root` is always captured: the matc
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -84,12 +85,12 @@ class P:
     """Pattern over a value. `ops` None matches any value; `args` None ignores the operands."""
 
     ops: str | tuple[str, ...] | None = None
-    args: tuple["P", ...] | None = None
+    args: tuple[P, ...] | None = None
     name: str | None = None
     pred: Callable[[Value], bool] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
 
-    def __init__(self, ops=None, *args: "P", name: str | None = None,
+    def __init__(self, ops=None, *args: P, name: str | None = None,
                  pred: Callable[[Value], bool] | None = None, **attrs):
         object.__setattr__(self, "ops", (ops,) if isinstance(ops, str) else ops)
         object.__setattr__(self, "args", tuple(args) if args else None)
@@ -98,11 +99,11 @@ class P:
         object.__setattr__(self, "attrs", attrs)
 
     @staticmethod
-    def var(name: str, pred: Callable[[Value], bool] | None = None) -> "P":
+    def var(name: str, pred: Callable[[Value], bool] | None = None) -> P:
         return P(None, name=name, pred=pred)
 
     @staticmethod
-    def const(value: float | None = None, name: str | None = None) -> "P":
+    def const(value: float | None = None, name: str | None = None) -> P:
         """A splat constant, optionally with a given value."""
         def check(v: Value) -> bool:
             return value is None or splat_value(v) == value
@@ -168,7 +169,7 @@ class RuleSet:
             for name in pat.ops or ():
                 self.by_op.setdefault(name, []).append(rule)
 
-    def __add__(self, other: "RuleSet") -> "RuleSet":
+    def __add__(self, other: RuleSet) -> RuleSet:
         return RuleSet(self.rules + other.rules)
 
     def candidates(self, op: Op) -> list[Rule]:
@@ -185,7 +186,7 @@ class RuleSet:
 
 
 def apply_rules(func: Func, rules: RuleSet, max_iterations: int = 50) -> bool:
-    """Greedy driver: apply rules to every op until nothing changes. Returns whether anything did."""
+    """Greedy driver: apply rules to every op until nothing changes; True if anything did."""
     changed_any = False
     for _ in range(max_iterations):
         changed = False

@@ -54,7 +54,7 @@ class DType(enum.Enum):
         return np.dtype(_NUMPY[self])
 
     @staticmethod
-    def from_numpy(dt) -> "DType":
+    def from_numpy(dt) -> DType:
         dt = np.dtype(dt)
         if dt.name == "bfloat16":
             return DType.bf16
@@ -213,10 +213,10 @@ class TensorType:
     def numel(self) -> Dim:
         return dim_mul(*self.shape) if self.shape else 1
 
-    def with_shape(self, shape) -> "TensorType":
+    def with_shape(self, shape) -> TensorType:
         return TensorType(tuple(shape), self.dtype)
 
-    def with_dtype(self, dtype: DType) -> "TensorType":
+    def with_dtype(self, dtype: DType) -> TensorType:
         return TensorType(self.shape, dtype)
 
     def symbols(self) -> set[str]:

@@ -75,4 +75,4 @@ def is_valid(m: Module) -> bool:
         return False
 
 
-__all__ = ["verify", "is_valid", "Op"]
+__all__ = ["Op", "is_valid", "verify"]

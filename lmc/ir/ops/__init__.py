@@ -26,4 +26,4 @@ def op_class(name: str) -> type[Op]:
         raise VerificationError(f"unknown op '{name}'") from None
 
 
-from lmc.ir.ops import func, tensor, nn, moe, kernel  # noqa: E402,F401  (fills OPS)
+from lmc.ir.ops import func, kernel, moe, nn, tensor  # noqa: E402,F401  (fills OPS)

@@ -8,8 +8,17 @@ from __future__ import annotations
 from lmc.errors import ShapeError, VerificationError
 from lmc.ir.core import Op
 from lmc.ir.ops import register
-from lmc.ir.types import (DType, TensorType, broadcast_shapes, canon_dim, dim_add, dim_floordiv,
-                          dim_sub, dims_equal, normalize_axis)
+from lmc.ir.types import (
+    DType,
+    TensorType,
+    broadcast_shapes,
+    canon_dim,
+    dim_add,
+    dim_floordiv,
+    dim_sub,
+    dims_equal,
+    normalize_axis,
+)
 
 
 def _check(op: Op, cond: bool, message: str) -> None:
