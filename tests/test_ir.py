@@ -452,3 +452,17 @@ def test_parse_errors(text, line, col, words):
         assert w in str(err), str(err)
     assert (err.line, err.column) == (line, col), str(err)
     assert str(err).startswith(f"model.lmc:{line}:{col}: ")
+
+
+def test_duplicate_argument_names_are_rejected():
+    from lmc.ir.core import Block, Func, Module
+    from lmc.ir.types import DType, TensorType
+    from lmc.ir.verifier import verify
+
+    f = Func("main", Block())
+    t = TensorType((2,), DType.f32)
+    a = f.add_arg(t, "w", "input")
+    f.add_arg(t, "w", "input")
+    f.body.append(lmc.ir.op_class("func.return")([a]))
+    with pytest.raises(lmc.VerificationError, match=r"\['w'\] are used twice"):
+        verify(Module({"main": f}))

@@ -17,6 +17,10 @@ def verify(m: Module, pass_name: str | None = None) -> None:
 
 
 def _verify_func(f: Func, m: Module) -> None:
+    names = [a.name for a in f.body.args]
+    dupes = sorted({n for n in names if n and names.count(n) > 1})
+    if dupes:  # weights are found by argument name: a duplicate would silently share one array
+        raise VerificationError(f"@{f.name}: argument name(s) {dupes} are used twice")
     for a, kind in zip(f.body.args, f.arg_kinds):
         if kind in ("param", "buffer"):
             arr = m.params.get(a.name)
