@@ -22,12 +22,12 @@ class VerificationError(LmcError):
         self.op, self.pass_name = op, pass_name
         where = []
         if op is not None:
-            where.append(f"op '{op.name}'")
-            if op.loc:
-                where.append(f"at {op.loc}")
-        if pass_name:
+            where.append(f"in op '{op.name}'" + (f" at {op.loc}" if op.loc else ""))
+        if pass_name == "import":
+            where.append("in the input IR")
+        elif pass_name:
             where.append(f"after pass '{pass_name}'")
-        prefix = ("in " + " ".join(where) + ": ") if where else ""
+        prefix = (" ".join(where) + ": ") if where else ""
         super().__init__(prefix + message)
 
 

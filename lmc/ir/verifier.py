@@ -25,7 +25,9 @@ def _verify_func(f: Func, m: Module) -> None:
         if kind in ("param", "buffer"):
             arr = m.params.get(a.name)
             if arr is None:
-                raise VerificationError(f"@{f.name}: {kind} %{a.name} has no array in the module")
+                raise VerificationError(f"@{f.name}: {kind} %{a.name} has no array in the module "
+                                        "(give the weights: a safetensors file beside the .lmc "
+                                        "file, or `lmc opt --weights FILE`)")
             if tuple(arr.shape) != a.type.shape:
                 raise VerificationError(f"@{f.name}: {kind} %{a.name} is declared {a.type} but "
                                         f"its array has shape {list(arr.shape)}")
