@@ -130,6 +130,9 @@ class CompiledModel:
 def check_input(i: int, name: str, t: TensorType, arr: np.ndarray, env: dict[str, int]) -> None:
     """Raise InputError unless `arr` fits type `t`; binds plain symbols in `env` as it goes."""
     where = f"input {i} ('{name}')"
+    if arr.dtype.kind not in "biuf":  # None, strings, objects: not a tensor at all
+        raise InputError(f"{where}: expected a tensor or array of type {t}, got "
+                         f"{'None' if arr.dtype.kind == 'O' and arr.ndim == 0 else arr.dtype}")
     if arr.ndim != t.rank:
         raise InputError(f"{where}: expected rank {t.rank} ({t}), got shape {list(arr.shape)}")
     try:

@@ -64,3 +64,9 @@ def test_compile_does_not_mutate_the_given_module():
     before = str(m)
     lmc.compile(m)
     assert str(m) == before
+
+
+@pytest.mark.parametrize("bad", [None, "hello"])
+def test_non_tensor_inputs_are_named(cm, bad):
+    with pytest.raises(lmc.InputError, match="input 0 \\('ids'\\): expected a tensor"):
+        cm(bad, np.zeros((2, 5, 4), np.float32))
