@@ -14,6 +14,7 @@ the same store code on a stack tile copied in and out, so the epilogue is writte
 """
 from __future__ import annotations
 
+import abc
 import ctypes
 import threading
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ def default_config(target: HostTarget) -> GemmConfig:
 
 
 @dataclass(frozen=True)
-class EpilogueOp:
+class EpilogueOp(abc.ABC):
     """One elementwise step on an output vector `x`. `column_operands` extra float pointers (one
     value per output column, e.g. a bias) become kernel arguments; the fusion pass adds subclasses.
     """
@@ -75,9 +76,9 @@ class EpilogueOp:
     def tag(self) -> str:
         return type(self).__name__.lower()
 
+    @abc.abstractmethod
     def emit(self, w: FunctionWriter, x: str, width: int, operands: list[str]) -> str:
         """IR computing the new value of `x`; `operands` point at this vector's columns."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
