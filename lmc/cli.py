@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except LmcError as exc:
         print(f"lmc: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # unwritable output or dump folder, missing file
+        print(f"lmc: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,17 +11,21 @@ import numpy as np
 from lmc.errors import InputError, LmcError
 from lmc.ir.core import Module
 from lmc.ir.printer import print_module
-from lmc.ir.types import DType, TensorType, dim_symbols, eval_dim
+from lmc.ir.types import DType, TensorType, eval_dim
 from lmc.options import TARGETS, CompileOptions, default_pipeline
 from lmc.pass_base import parse_pipeline
 from lmc.pass_manager import PassManager
 
 
-def compile(model, example_inputs=None, *, target: str = "ref", pipeline: str | None = None,
+def compile(model, example_inputs=None, *, target: str | None = None,
+            pipeline: str | None = None,
             dynamic_shapes=None, dump_ir: str | None = None, check_numerics: bool = False,
             options: CompileOptions | None = None) -> CompiledModel:
     """Compile `model` for `target`. Returns a callable; see README § Quickstart."""
-    opts = replace(options or CompileOptions(), target=target,
+    if options is not None and not isinstance(options, CompileOptions):
+        raise LmcError(f"options must be an lmc.CompileOptions, got {type(options).__name__}")
+    opts = replace(options or CompileOptions(), target=target or (options and options.target)
+                   or "ref",
                    pipeline=pipeline if pipeline is not None else (options and options.pipeline),
                    dump_ir=dump_ir or (options and options.dump_ir) or os.environ.get(
                        "LMC_DUMP_IR") or None,
@@ -30,6 +34,11 @@ def compile(model, example_inputs=None, *, target: str = "ref", pipeline: str | 
         raise LmcError(f"target '{opts.target}' is not available yet; available: "
                        f"{', '.join(TARGETS)} (cpu and gpu arrive with their backends)")
     module = _import(model, example_inputs, dynamic_shapes)
+    loose = unbound_symbols(module.main)
+    if loose:
+        raise LmcError(f"input dims use symbol(s) {sorted(loose)} that no input has as a plain "
+                       "dim, so no call could bind them; derived dims (like 2*T) are supported "
+                       "only when T itself is the size of some input dim")
     artifacts = {"import": print_module(module)}
     passes = parse_pipeline(opts.pipeline if opts.pipeline is not None
                             else ",".join(default_pipeline(opts)))
@@ -37,7 +46,7 @@ def compile(model, example_inputs=None, *, target: str = "ref", pipeline: str | 
     if opts.check_numerics:
         if example_inputs is None:
             raise LmcError("check_numerics=True needs example_inputs to run the passes on")
-        samples = [_to_numpy(x) for x in _flatten_inputs(example_inputs)]
+        samples = [_to_numpy(x) for x in _as_tuple(example_inputs)]
     pm = PassManager(passes, dump_ir=opts.dump_ir, check_numerics=opts.check_numerics,
                      sample_inputs=samples, rtol=opts.numerics_rtol, atol=opts.numerics_atol,
                      verify_each=opts.verify_each)
@@ -61,17 +70,28 @@ def _import(model, example_inputs, dynamic_shapes) -> Module:
             raise LmcError("compiling a torch.nn.Module needs example_inputs (a tuple of "
                            "tensors) for torch.export")
         from lmc.frontends.torch import import_module
-        return import_module(model, tuple(_as_tuple(example_inputs)), dynamic_shapes)
+        return import_module(model, _unalias(_as_tuple(example_inputs)), dynamic_shapes)
     raise LmcError(f"cannot compile a {type(model).__name__}: pass a torch.nn.Module, an "
                    "lmc.ir.Module, or the path of a .lmc file")
 
 
+def _unalias(inputs: tuple) -> tuple:
+    """Copies of inputs that share storage with an earlier one: torch.export would merge them
+    into one graph input, and the compiled model would then read one argument for both."""
+    seen: set[int] = set()
+    out = []
+    for x in inputs:
+        ptr = x.untyped_storage().data_ptr() if hasattr(x, "untyped_storage") else None
+        if ptr is not None and ptr in seen:
+            x = x.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out.append(x)
+    return tuple(out)
+
+
 def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _flatten_inputs(inputs) -> list:
-    return list(_as_tuple(inputs))
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -112,6 +132,8 @@ class CompiledModel:
         env: dict[str, int] = {}
         for i, (arg, arr) in enumerate(zip(formal, arrays)):
             check_input(i, arg.name, arg.type, arr, env)
+        for i, (arg, arr) in enumerate(zip(formal, arrays)):  # now every plain symbol is bound
+            check_derived_dims(i, arg.name, arg.type, arr, env)
         return arrays, is_torch
 
     def _pack(self, outs: list[np.ndarray], is_torch: bool):
@@ -147,7 +169,20 @@ def check_input(i: int, name: str, t: TensorType, arr: np.ndarray, env: dict[str
         if isinstance(d, str) and d.isidentifier() and env.setdefault(d, n) != n:
             raise InputError(f"{where}: dim {axis} is '{d}' = {env[d]} from an earlier "
                              f"input, but here it is {n}")
+
+
+def check_derived_dims(i: int, name: str, t: TensorType, arr: np.ndarray,
+                       env: dict[str, int]) -> None:
+    """Dims like `2*T` must equal their value once every plain symbol is bound."""
     for axis, (d, n) in enumerate(zip(t.shape, arr.shape)):
-        derived = isinstance(d, str) and not d.isidentifier() and dim_symbols(d) <= set(env)
-        if derived and eval_dim(d, env) != n:
-            raise InputError(f"{where}: dim {axis} must be {d} = {eval_dim(d, env)}, got {n}")
+        if isinstance(d, str) and not d.isidentifier() and eval_dim(d, env) != n:
+            raise InputError(f"input {i} ('{name}'): dim {axis} must be {d} = "
+                             f"{eval_dim(d, env)}, got {n}")
+
+
+def unbound_symbols(func) -> set[str]:
+    """Symbols of input dims that no input gives plainly (so no call could bind them)."""
+    plain = {d for a in func.inputs for d in a.type.shape if isinstance(d, str) and
+             d.isidentifier()}
+    used = set().union(*(a.type.symbols() for a in func.inputs)) if func.inputs else set()
+    return used - plain

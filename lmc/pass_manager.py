@@ -54,34 +54,41 @@ class PassManager:
             self._write(dump_dir, "00-import.lmc", text)
         reference = self._numerics_reference(module)
         all_weights = dict(module.params)  # every stage's dump must load, so keep the union
-        for i, p in enumerate(self.passes, start=1):
-            before_counts = module.op_counts()
-            start = time.perf_counter()
-            report = _run_one(p, module)
-            seconds = time.perf_counter() - start
-            if self.verify_each:
-                verify(module, pass_name=p.spec())
-            new_text = print_module(module)
-            diff = list(difflib.unified_diff(text.splitlines(), new_text.splitlines(),
-                                             f"{i - 1:02d}", f"{i:02d}-{p.name}", lineterm=""))
-            rec = PassRecord(i, p.spec(), seconds, sum(before_counts.values()),
-                             sum(module.op_counts().values()),
-                             _count_delta(before_counts, module.op_counts()),
-                             sum(1 for d in diff if d[:1] in "+-" and d[:3] not in ("+++", "---")),
-                             report)
+        try:
+            for i, p in enumerate(self.passes, start=1):
+                text = self._step(i, p, module, text, dump_dir, reference)
+                all_weights.update(module.params)
+        finally:  # a failing pass still leaves a readable, reloadable dump behind
             if dump_dir:
-                rec.dump = f"{i:02d}-{p.name}.lmc"
-                self._write(dump_dir, rec.dump, new_text)
-                self._write(dump_dir, f"{i:02d}-{p.name}.diff", "\n".join(diff) + "\n")
-            self.records.append(rec)
-            if reference is not None:
-                self._check(module, reference, p)
-            text = new_text
-        if dump_dir:
-            self._write(dump_dir, "index.md", self.index_markdown())
-            all_weights.update(module.params)
-            _save_weights(dump_dir, all_weights)
+                self._write(dump_dir, "index.md", self.index_markdown())
+                _save_weights(dump_dir, all_weights)
         return module
+
+    def _step(self, i: int, p: Pass, module: Module, text: str, dump_dir: Path | None,
+              reference: list[np.ndarray] | None) -> str:
+        """Run pass #i; dump its IR (before verifying, so broken IR can be read); check it."""
+        before_counts = module.op_counts()
+        start = time.perf_counter()
+        report = _run_one(p, module)
+        seconds = time.perf_counter() - start
+        new_text = print_module(module)
+        diff = list(difflib.unified_diff(text.splitlines(), new_text.splitlines(),
+                                         f"{i - 1:02d}", f"{i:02d}-{p.name}", lineterm=""))
+        rec = PassRecord(i, p.spec(), seconds, sum(before_counts.values()),
+                         sum(module.op_counts().values()),
+                         _count_delta(before_counts, module.op_counts()),
+                         sum(1 for d in diff if d[:1] in "+-" and d[:3] not in ("+++", "---")),
+                         report)
+        if dump_dir:
+            rec.dump = f"{i:02d}-{p.name}.lmc"
+            self._write(dump_dir, rec.dump, new_text)
+            self._write(dump_dir, f"{i:02d}-{p.name}.diff", "\n".join(diff) + "\n")
+        self.records.append(rec)
+        if self.verify_each:
+            verify(module, pass_name=p.spec())
+        if reference is not None:
+            self._check(module, reference, p)
+        return new_text
 
     # -- dumps ---------------------------------------------------------------------------------
 
@@ -89,8 +96,13 @@ class PassManager:
         if not self.dump_ir:
             return None
         d = Path(self.dump_ir)
-        d.mkdir(parents=True, exist_ok=True)
-        for old in list(d.glob("[0-9][0-9]-*.lmc")) + list(d.glob("[0-9][0-9]-*.diff")):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LmcError(f"cannot create the IR dump folder {d}: {exc.strerror}") from None
+        stale = [*d.glob("[0-9][0-9]-*.lmc"), *d.glob("[0-9][0-9]-*.diff"), d / "index.md",
+                 d / "weights.safetensors"]
+        for old in (f for f in stale if f.exists()):
             old.unlink()  # a dump directory shows one compile, never a mix of two
         return d
 
@@ -133,8 +145,8 @@ class PassManager:
                 raise NumericsError(
                     f"pass '{p.spec()}' changed output #{i}: max abs error {err} exceeds "
                     f"rtol={self.rtol}, atol={self.atol} (it is the first pass whose outputs "
-                    "drift from the imported module; dump the IR with dump_ir=DIR and read "
-                    f"its diff)", p.name)
+                    "drift from the imported module; read its diff in the IR dump, "
+                    "dump_ir=DIR)", p.name)
 
 
 def _run_one(p: Pass, module: Module) -> dict[str, Any] | None:

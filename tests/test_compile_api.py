@@ -70,3 +70,55 @@ def test_compile_does_not_mutate_the_given_module():
 def test_non_tensor_inputs_are_named(cm, bad):
     with pytest.raises(lmc.InputError, match="input 0 \\('ids'\\): expected a tensor"):
         cm(bad, np.zeros((2, 5, 4), np.float32))
+
+
+def test_options_target_is_honoured():
+    m = lmc.parse(TEXT, params={"w": np.ones((4, 3), np.float32)})
+    with pytest.raises(lmc.LmcError, match="target 'tpu'"):
+        lmc.compile(m, options=lmc.CompileOptions(target="tpu"))
+    with pytest.raises(lmc.LmcError, match=r"must be an lmc\.CompileOptions"):
+        lmc.compile(m, options={"target": "ref"})
+
+
+class _Sub(torch.nn.Module):
+    def forward(self, x, y):
+        return x - y
+
+
+def test_the_same_tensor_for_two_inputs_stays_two_inputs():
+    x = torch.randn(3, 4)
+    cm = lmc.compile(_Sub(), (x, x))
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    np.testing.assert_allclose(cm(a, b).numpy(), (a - b).numpy(), rtol=1e-6)
+
+
+class _Cat(torch.nn.Module):
+    def forward(self, x, y):
+        return torch.cat([x, y, y], dim=1)
+
+
+def test_derived_dims_are_checked_after_all_inputs_bind():
+    T = torch.export.Dim("T", max=64)
+    cm = lmc.compile(_Cat(), (torch.randn(2, 6), torch.randn(2, 3)),
+                     dynamic_shapes={"x": {1: 2 * T}, "y": {1: T}})
+    assert cm(torch.randn(2, 10), torch.randn(2, 5)).shape == (2, 20)
+    with pytest.raises(lmc.InputError, match="dim 1 must be 2\\*T = 6"):
+        cm(torch.randn(2, 7), torch.randn(2, 3))
+
+
+def test_a_dim_no_input_can_bind_is_refused_at_compile_time():
+    T = torch.export.Dim("T", max=64)
+    with pytest.raises(lmc.LmcError, match="no input has as a plain dim"):
+        lmc.compile(_Sub(), (torch.randn(6, 2), torch.randn(6, 2)),
+                    dynamic_shapes={"x": {0: 2 * T}, "y": {0: 2 * T}})
+
+
+def test_interpreter_failures_name_the_op():
+    text = """func @main(%x: f32[4], %i: i64[2]) -> (f32[2]) {
+  %0 = tensor.take %x, %i {axis = 0} : f32[2]  loc("emb" "m.py":7)
+  func.return %0
+}
+"""
+    cm = lmc.compile(lmc.parse(text))
+    with pytest.raises(lmc.LmcError, match=r"tensor.take at .emb. m.py:7"):
+        cm(np.zeros(4, np.float32), np.array([0, 9]))

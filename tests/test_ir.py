@@ -466,3 +466,12 @@ def test_duplicate_argument_names_are_rejected():
     f.body.append(lmc.ir.op_class("func.return")([a]))
     with pytest.raises(lmc.VerificationError, match=r"\['w'\] are used twice"):
         verify(Module({"main": f}))
+
+
+def test_attribute_of_the_wrong_type_is_a_verification_error():
+    m = parse("""func @main(%x: f32[3]) -> (f32[]) {
+  %0 = tensor.sum %x {axes = "a", keepdim = false} : f32[]
+  func.return %0
+}""")
+    with pytest.raises(lmc.VerificationError, match=r"tensor\.sum"):
+        verify(m)

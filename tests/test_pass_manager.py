@@ -108,3 +108,19 @@ def test_bad_pipelines_are_clear_errors(bad):
 def test_pass_spec_round_trips():
     (p,) = parse_pipeline("dce{drop_unused_weights=false}")
     assert parse_pipeline(p.spec()) == [p]
+
+
+def test_a_failing_pass_still_leaves_a_reloadable_dump(tmp_path):
+    with pytest.raises(lmc.VerificationError):
+        PassManager(parse_pipeline("cse,test-break-types"), dump_ir=tmp_path).run(module())
+    assert (tmp_path / "02-test-break-types.lmc").exists()  # the broken IR, to read
+    assert "test-break-types" in (tmp_path / "index.md").read_text()
+    assert (tmp_path / "weights.safetensors").exists()
+    lmc.ir.verifier.verify(parse_file(tmp_path / "01-cse.lmc"))
+
+
+def test_dump_dir_that_is_a_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(lmc.LmcError, match="cannot create the IR dump folder"):
+        lmc.compile(module(), pipeline="cse", dump_ir=str(f))

@@ -13,7 +13,7 @@ import numpy as np
 
 from lmc.errors import InputError, LmcError
 from lmc.ir.core import Func, Module, Op
-from lmc.ir.types import DType, TensorType, dim_expr, eval_shape
+from lmc.ir.types import TensorType, dim_expr, eval_shape
 
 IMPL: dict[str, Callable] = {}
 
@@ -380,7 +380,13 @@ def run_block(block, args: list[np.ndarray], env: dict[str, int]) -> list[np.nda
         if fn is None:
             raise LmcError(f"the reference interpreter has no implementation of '{op.name}' "
                            f"(at {op.loc})")
-        out = fn(op, env, *[vals[id(v)] for v in op.operand_values])
+        try:
+            out = fn(op, env, *[vals[id(v)] for v in op.operand_values])
+        except LmcError:
+            raise
+        except Exception as exc:  # numpy's message, but named by op and source location
+            raise LmcError(f"{op.name} at {op.loc} failed in the reference interpreter: "
+                           f"{type(exc).__name__}: {exc}") from exc
         outs = out if isinstance(out, tuple) else (out,)
         for v, x in zip(op.result_values, outs):
             vals[id(v)] = np.asarray(x)
@@ -401,6 +407,3 @@ def run_func(module: Module, inputs: list[np.ndarray], func: Func | None = None,
             for a, kind in zip(f.body.args, f.arg_kinds)]
     return run_block(f.body, args, env)
 
-
-def numpy_dtype(dt: DType) -> np.dtype:
-    return dt.to_numpy()

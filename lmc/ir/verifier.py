@@ -55,7 +55,7 @@ def _verify_block(block: Block, top_level: bool) -> None:
             op.verify()
         except VerificationError:
             raise
-        except LmcError as exc:
+        except (LmcError, TypeError, ValueError) as exc:  # e.g. an attribute of the wrong type
             raise VerificationError(str(exc), op=op) from None
         for r in op.regions:
             for b in r.blocks:
