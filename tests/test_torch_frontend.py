@@ -209,3 +209,14 @@ def test_misc2_ops_match_eager():
     check_roundtrip(m)
     assert "tensor.cross_entropy" in m.op_counts()
     check_against_eager(Misc2(), m, [ex, inputs(9)])
+
+
+class _ReturnsInt(torch.nn.Module):
+    def forward(self, x):
+        return x + 1, None
+
+
+def test_non_tensor_outputs_are_a_clear_error():
+    import lmc
+    with pytest.raises(lmc.LmcError, match="returns non-tensor output"):
+        import_module(_ReturnsInt(), (torch.randn(2, 3),))

@@ -146,7 +146,12 @@ def import_module(model: torch.nn.Module, example_inputs: tuple,
     env = _add_args(ep, model, func, module, cx)
     _convert_nodes(ep, cx, env)
     out_node = next(n for n in ep.graph.nodes if n.op == "output")
-    outs = [env[n] for n in _user_outputs(ep, out_node)]
+    user_outs = _user_outputs(ep, out_node)
+    odd = [repr(n) for n in user_outs if not isinstance(n, torch.fx.Node) or n not in env]
+    if odd:  # ints, None or sizes among the outputs: the compiled model returns tensors only
+        raise LmcError(f"{type(model).__name__}.forward returns non-tensor output(s) "
+                       f"{', '.join(odd)}; return tensors only (compute sizes outside)")
+    outs = [env[n] for n in user_outs]
     cx.rw.create("func.return", [o for o in outs if isinstance(o, Value)])
     _dce(func)
     module.meta["torch_out_spec"] = ep.call_spec.out_spec
