@@ -51,7 +51,8 @@ def drop_unused_weights(module: Module, func: Func) -> list[str]:
     return [a.name for a in dead]
 
 
-def _prune_params(module: Module, names: list[str]) -> None:
+def prune_params(module: Module, names: list[str]) -> None:
+    """Drop the arrays of `names` that no function of `module` takes any more."""
     # Functions may share a weight by name (forward and train_step): drop an array only when no
     # function still takes it.
     still_used = {a.name for f in module.funcs.values() for a in f.weights}
@@ -74,7 +75,7 @@ class DCE(Pass):
             eliminated += eliminate_dead_ops(f.body)
             if self.drop_unused_weights:
                 dropped += drop_unused_weights(module, f)
-        _prune_params(module, dropped)
+        prune_params(module, dropped)
         report: dict[str, Any] = {"eliminated": eliminated}
         if dropped:
             report["dropped_weights"] = sorted(set(dropped))

@@ -36,6 +36,7 @@ from lmc.ir.ops.tensor import Binary, Cast, Unary, Where
 from lmc.ir.rewriter import Rewriter, splat_value
 from lmc.ir.types import TensorType, dims_equal
 from lmc.pass_base import Pass, register_pass
+from lmc.passes.dce import prune_params
 
 
 class _Skip(Exception):
@@ -464,8 +465,7 @@ def _erase_dead_from(roots: list[Op], module: Module, func: Func) -> int:
             if v.op is None and not v.uses and v in func.body.args and \
                     func.arg_kinds[func.body.args.index(v)] == "param":
                 func.remove_arg(v)
-                if all(v.name not in {a.name for a in f.weights} for f in module.funcs.values()):
-                    module.params.pop(v.name, None)
+                prune_params(module, [v.name])
     return erased
 
 
