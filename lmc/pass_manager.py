@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from lmc.errors import LmcError, NumericsError, VerificationError
+from lmc.errors import LmcError, NumericsError
 from lmc.ir.core import Module
 from lmc.ir.printer import print_module
 from lmc.ir.verifier import verify
@@ -179,4 +179,4 @@ def _save_weights(d: Path, weights: dict[str, np.ndarray]) -> None:
               str(d / "weights.safetensors"))
 
 
-__all__ = ["PassManager", "PassRecord", "VerificationError"]
+__all__ = ["PassManager", "PassRecord"]

@@ -27,7 +27,6 @@ class Rewriter:
 
     def __init__(self, block: Block | None = None, before: Op | None = None):
         self.block, self.before = block, before
-        self.changed = False
         self.created: list[Op] = []  # ops this rewriter inserted, so a declining rule can undo
 
     def set_insertion_point(self, op: Op) -> None:
@@ -38,7 +37,6 @@ class Rewriter:
         idx = self.block.index(self.before) if self.before is not None else len(self.block.ops)
         self.block.insert(idx, op)
         self.created.append(op)
-        self.changed = True
         return op
 
     def create(self, name: str, operands: Sequence[Value], attrs: dict | None = None,
@@ -67,7 +65,6 @@ class Rewriter:
     def replace_all_uses(self, old: Value, new: Value) -> None:
         if old is not new:
             old.replace_all_uses_with(new)
-            self.changed = True
 
     def erase_op(self, op: Op) -> None:
         for v in op.result_values:
@@ -75,7 +72,6 @@ class Rewriter:
                 raise ValueError(f"cannot erase {op.name}: its result still has uses")
         op.drop_operands()
         op.parent.remove(op)
-        self.changed = True
 
 
 # ---- patterns --------------------------------------------------------------------------------

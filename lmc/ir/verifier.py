@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lmc.errors import LmcError, VerificationError
-from lmc.ir.core import Block, Func, Module, Op
+from lmc.ir.core import Block, Func, Module
 
 
 def verify(m: Module, pass_name: str | None = None) -> None:
@@ -81,4 +81,4 @@ def is_valid(m: Module) -> bool:
         return False
 
 
-__all__ = ["Op", "is_valid", "verify"]
+__all__ = ["is_valid", "verify"]
