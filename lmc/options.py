@@ -16,6 +16,7 @@ class CompileOptions:
     numerics_rtol: float = 1e-4
     numerics_atol: float = 1e-5
     verify_each: bool = True             # verify after every pass (cheap; keep on)
+    threads: int | None = None           # cpu: worker threads per kernel (None: all cores)
 
 
 def default_pipeline(options: CompileOptions) -> list[str]:
@@ -26,4 +27,8 @@ def default_pipeline(options: CompileOptions) -> list[str]:
         "canonicalize",
         "cse",
         "dce",
+        *(["raise-attention",  # hand-written softmax(q kᵀ) v → tensor.attention
+           "canonicalize",     # ... whose kᵀ permute then cancels
+           "fuse",             # kernel.fused groups: what the backend compiles
+           "dce"] if options.target != "ref" else []),
     ]

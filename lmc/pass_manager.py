@@ -116,9 +116,15 @@ class PassManager:
                  "| --- |"]
         for r in self.records:
             delta = ", ".join(f"{k} {v:+d}" for k, v in r.changed.items()) or "—"
-            rep = ", ".join(f"{k}={v}" for k, v in (r.report or {}).items()) or "—"
+            rep = ", ".join(f"{k}={v}" for k, v in (r.report or {}).items()
+                            if not _is_line_list(v)) or "—"
             lines.append(f"| {r.index:02d} | `{r.name}` | {r.seconds * 1e3:.1f} | {r.ops_before}"
                          f" → {r.ops_after} | {r.changed_lines} | {delta} | {rep} |")
+        for r in self.records:  # list-valued reports (e.g. fuse's declined fusions): a line each
+            for key, items in (r.report or {}).items():
+                if _is_line_list(items):
+                    lines += ["", f"## {r.index:02d} `{r.name}`: {key}", ""]
+                    lines += [f"- {item}" for item in items]
         total = sum(r.seconds for r in self.records)
         lines += ["", f"Total pass time: {total * 1e3:.1f} ms. Files: `00-import.lmc`, then "
                   "`NN-<pass>.lmc` and `NN-<pass>.diff` after each pass; every `.lmc` parses "
@@ -147,6 +153,10 @@ class PassManager:
                     f"rtol={self.rtol}, atol={self.atol} (it is the first pass whose outputs "
                     "drift from the imported module; read its diff in the IR dump, "
                     "dump_ir=DIR)", p.name)
+
+
+def _is_line_list(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
 
 
 def _run_one(p: Pass, module: Module) -> dict[str, Any] | None:

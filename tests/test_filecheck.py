@@ -114,4 +114,4 @@ def test_golden(path: Path):
 
 def test_every_pass_of_this_suite_has_goldens():
     names = {p.stem.split("-")[0] for p in DIR.glob("*.lmc")}
-    assert {"canonicalize", "cse", "dce"} <= names
+    assert {"canonicalize", "cse", "dce", "fuse", "raise"} <= names

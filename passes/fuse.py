@@ -1,0 +1,381 @@
+"""fuse: outline groups of tensor ops into `kernel.fused` ops, the kernels a backend compiles.
+
+Groups, formed in this order (each op joins at most one group):
+1. anchors — every `tensor.matmul` / `moe.grouped_matmul` with its elementwise epilogue (bias,
+   activation, residual, scale: the chain of single-use elementwise consumers of the same
+   shape), a LoRA branch `(x·Aᵀ)·Bᵀ·s` added to a base matmul of the same `x` joins its base
+   matmul; every `tensor.attention` alone;
+2. reductions — softmax / log_softmax / layer_norm / rms_norm / sum / mean / max / min over
+   trailing axes, with elementwise producers (prologue) and consumers (epilogue), and further
+   reductions over the same rows (a hand-written LayerNorm is one kernel);
+3. the remaining elementwise ops, in connected groups of one domain shape.
+
+Legality: groups are nodes of a networkx graph of the function; an op joins a group only if the
+contracted graph stays acyclic, and a value a consumer outside the group also needs is written
+out as a kernel result. With dumps on, the index lists every fusion the pass declined and why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from lmc.ir.core import Block, Func, Module, Op, Region, Value
+from lmc.ir.ops import OPS, op_class
+from lmc.ir.ops.tensor import ARITH, COMPARE, LOGICAL, Unary
+from lmc.ir.types import dims_equal, normalize_axis
+from lmc.pass_base import Pass, register_pass
+from lmc.passes.dce import eliminate_dead_ops
+
+ELEMENTWISE = frozenset(
+    [n for n, c in OPS.items() if issubclass(c, Unary)] + list(ARITH + COMPARE + LOGICAL) +
+    ["tensor.where", "tensor.cast"])
+ROW_OPS = frozenset(["tensor.softmax", "tensor.log_softmax", "tensor.layer_norm",
+                     "tensor.rms_norm", "tensor.sum", "tensor.mean", "tensor.max",
+                     "tensor.min"])
+ANCHORS = {"tensor.matmul": "matmul", "moe.grouped_matmul": "grouped_matmul"}
+
+
+def reduced_axes(op: Op) -> int | None:
+    """How many trailing axes a row op reduces, or None when they are not trailing."""
+    rank = op.x.type.rank
+    if op.name in ("tensor.softmax", "tensor.log_softmax"):
+        return 1 if normalize_axis(op.axis, rank) == rank - 1 else None
+    if op.name in ("tensor.layer_norm", "tensor.rms_norm"):
+        return op.num_axes
+    axes = sorted(normalize_axis(a, rank) for a in (op.axes or range(rank)))
+    return len(axes) if axes == list(range(rank - len(axes), rank)) and axes else None
+
+
+def _is_scalar_constant(v: Value) -> bool:
+    op = v.op
+    return op is not None and op.name == "tensor.constant" and v.type.is_static and \
+        all(d == 1 for d in v.type.shape)
+
+
+def _fits(shape: tuple, domain: tuple) -> bool:
+    """`shape` broadcasts to `domain` (right-aligned numpy rules) without growing it."""
+    if len(shape) > len(domain):
+        return False
+    tail = domain[len(domain) - len(shape):]
+    return all(d == 1 or dims_equal(d, t) for d, t in zip(shape, tail))
+
+
+def _same_shape(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(dims_equal(x, y) for x, y in zip(a, b))
+
+
+def _where(op: Op) -> str:
+    return f"{op.name} at {op.loc}"
+
+
+@dataclass
+class Group:
+    kind: str
+    anchor: Op
+    ops: list[Op]
+    domain: tuple = ()
+    reduced: int = 0  # trailing axes reduced (reduction kind)
+
+    def reduced_shape(self) -> tuple:
+        return self.domain[:len(self.domain) - self.reduced]
+
+
+@dataclass
+class _Fuser:
+    """Group formation over one function body: a quotient graph kept acyclic by construction."""
+
+    func: Func
+    rejected: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ops = [op for op in self.func.body.ops if op.name != "func.return"]
+        self.group_of: dict[int, int] = {}   # id(op) → group node
+        self.groups: dict[int, Group] = {}
+        self.graph = nx.DiGraph()
+        for i, op in enumerate(self.ops):
+            self.graph.add_node(i)
+            self.group_of[id(op)] = i
+        for i, op in enumerate(self.ops):
+            for v in op.operand_values:
+                if v.op is not None and id(v.op) in self.group_of:
+                    self.graph.add_edge(self.group_of[id(v.op)], i)
+        self.singletons = set(range(len(self.ops)))
+
+    # -- graph bookkeeping ---------------------------------------------------------------------
+
+    def free(self, op: Op | None) -> bool:
+        return op is not None and id(op) in self.group_of and \
+            self.group_of[id(op)] in self.singletons
+
+    def cycle_through(self, a: int, b: int) -> int | None:
+        """A node on a path a → … → b or b → … → a other than a direct edge (merging a and b
+        would make it a cycle), or None."""
+        for x, y in ((a, b), (b, a)):
+            for s in self.graph.successors(x):
+                if s != y and nx.has_path(self.graph, s, y):
+                    return s
+        return None
+
+    def try_join(self, gid: int, op: Op, group: Group) -> str | None:
+        """Add `op` to group `gid`; returns why not (and changes nothing) when illegal."""
+        node = self.group_of[id(op)]
+        via = self.cycle_through(gid, node)
+        if via is not None:
+            return f"it would make a cycle through {_where(self._any_op(via))}"
+        nx.contracted_nodes(self.graph, gid, node, self_loops=False, copy=False)
+        self.singletons.discard(node)
+        self.group_of[id(op)] = gid
+        group.ops.append(op)
+        return None
+
+    def _any_op(self, node: int) -> Op:
+        if node in self.groups:
+            return self.groups[node].anchor
+        return self.ops[node]
+
+    def new_group(self, op: Op, kind: str, domain: tuple = (), reduced: int = 0) -> int:
+        gid = self.group_of[id(op)]
+        self.singletons.discard(gid)
+        self.groups[gid] = Group(kind, op, [op], domain, reduced)
+        return gid
+
+    def reject(self, op: Op, group: Group, why: str) -> None:
+        self.rejected.append(f"{_where(op)} not fused into the {group.kind} kernel of "
+                             f"{_where(group.anchor)}: {why}")
+
+    # -- 1. anchors ----------------------------------------------------------------------------
+
+    def grow_anchor(self, op: Op) -> None:
+        """A matmul / grouped matmul and the chain of its elementwise consumers."""
+        gid = self.new_group(op, ANCHORS[op.name])
+        group = self.groups[gid]
+        cur = op.result
+        while True:
+            users = cur.users
+            if len(cur.uses) != 1:
+                if len(cur.uses) > 1:
+                    self._note_first(users, group, f"the value it reads has {len(cur.uses)} "
+                                     "users, so the kernel writes it out and ends there")
+                return
+            user = users[0]
+            why = self._epilogue_misfit(user, cur, group)
+            if why is None and self._lora_branch(user, op, gid, group) is False:
+                why = "the LoRA branch could not join"
+            if why is None:
+                why = self.try_join(gid, user, group)
+            if why is not None:
+                if user.name != "func.return":
+                    self.reject(user, group, why)
+                return
+            cur = user.result
+
+    def _epilogue_misfit(self, user: Op, cur: Value, group: Group) -> str | None:
+        if user.name == "func.return":
+            return "it is a function result"
+        if not self.free(user):
+            return "it is already in another kernel"
+        if user.name in ROW_OPS:
+            return "a reduction needs whole rows, not the tiles a matmul epilogue sees"
+        if user.name not in ELEMENTWISE:
+            return f"{user.name} is not elementwise"
+        if user.result.type.shape != cur.type.shape and not _same_shape(
+                user.result.type.shape, cur.type.shape):
+            return f"its result {user.result.type} is larger than the matmul's {cur.type}"
+        return None
+
+    def _lora_branch(self, add: Op, base: Op, gid: int, group: Group) -> bool | None:
+        """If `add` adds `s·((x·Aᵀ)·Bᵀ)` with x the base matmul's lhs, pull that branch in.
+        None: no branch here; True: joined; False: a branch that cannot join."""
+        if add.name != "tensor.add" or base.name != "tensor.matmul":
+            return None
+        other = add.rhs if add.lhs.op is not None and add.lhs.op in group.ops else add.lhs
+        chain: list[Op] = []
+        v = other
+        scale = v.op if v.op is not None and v.op.name in ("tensor.mul", "tensor.div") else None
+        if scale is not None and _is_scalar_constant(scale.rhs):
+            chain.append(scale)
+            v = scale.lhs
+        up = v.op
+        down = up.lhs.op if up is not None and up.name == "tensor.matmul" else None
+        if down is None or down.name != "tensor.matmul" or down.lhs is not base.lhs:
+            return None
+        chain += [up, down]
+        if any(len(c.result.uses) != 1 or not self.free(c) for c in chain):
+            return False
+        return all(self.try_join(gid, c, group) is None for c in reversed(chain))
+
+    def _note_first(self, users: list[Op], group: Group, why: str) -> None:
+        for u in users:
+            if u.name in ELEMENTWISE and self.free(u):
+                self.reject(u, group, why)
+                return
+
+    # -- 2. reductions and 3. elementwise groups -----------------------------------------------
+
+    def grow_rows(self, op: Op, kind: str) -> None:
+        """A reduction (or elementwise op) with its producers and consumers over one domain."""
+        if kind == "reduction":
+            domain, reduced = op.x.type.shape, reduced_axes(op)
+        else:
+            domain, reduced = op.result.type.shape, 0
+        gid = self.new_group(op, kind, domain, reduced)
+        group = self.groups[gid]
+        changed = True
+        while changed:
+            changed = self._grow_producers(gid, group) | self._grow_consumers(gid, group)
+
+    def _grow_producers(self, gid: int, group: Group) -> bool:
+        changed = False
+        for member in list(group.ops):
+            for v in member.operand_values:
+                p = v.op
+                if p is None or not self.free(p) or p.name not in ELEMENTWISE:
+                    continue
+                outside = [u for u in v.users if u not in group.ops]
+                if outside:
+                    continue  # computing it here and again outside would do the work twice
+                if not _fits(p.result.type.shape, group.domain):
+                    continue
+                if self.try_join(gid, p, group) is None:
+                    changed = True
+        return changed
+
+    def _grow_consumers(self, gid: int, group: Group) -> bool:
+        changed = False
+        for member in list(group.ops):
+            for v in member.result_values:
+                for u in v.users:
+                    if u.name == "func.return" or not self.free(u):
+                        continue
+                    why = self._consumer_misfit(u, group)
+                    if why is None:
+                        why = self.try_join(gid, u, group)
+                    if why is None:
+                        changed = True
+                    elif u.name in ELEMENTWISE or u.name in ROW_OPS:
+                        self.reject(u, group, why)
+        return changed
+
+    def _consumer_misfit(self, u: Op, group: Group) -> str | None:
+        shape = u.result_values[0].type.shape if u.result_values else ()
+        if u.name in ROW_OPS:
+            if group.kind != "reduction" or reduced_axes(u) != group.reduced or \
+                    not _same_shape(u.x.type.shape, group.domain):
+                return "it reduces other rows than this kernel"
+            return None
+        if u.name not in ELEMENTWISE:
+            return f"{u.name} is not elementwise"
+        if _same_shape(shape, group.domain):
+            return None
+        if group.kind == "reduction" and _same_reduced(shape, group):
+            return None
+        return f"its shape {list(shape)} is not the kernel's domain {list(group.domain)}"
+
+    def reject_dups(self) -> list[str]:
+        return list(dict.fromkeys(self.rejected))
+
+
+def _same_reduced(shape: tuple, group: Group) -> bool:
+    """The per-row shape of a reduction kernel, with or without the kept size-1 dims."""
+    kept = group.reduced_shape()
+    return _same_shape(shape, kept) or _same_shape(shape, kept + (1,) * group.reduced)
+
+
+# ---- outlining -------------------------------------------------------------------------------
+
+def outline(group: Group, block: Block) -> Op:
+    """Replace the group's ops by one kernel.fused op with the ops as its body."""
+    order = {id(op): i for i, op in enumerate(block.ops)}
+    members = sorted(group.ops, key=lambda op: order[id(op)])
+    inside = {id(op) for op in members}
+    inputs: list[Value] = []
+    constants: list[Op] = []
+    for op in members:
+        for v in op.operand_values:
+            if v.op is not None and id(v.op) in inside:
+                continue
+            if _is_scalar_constant(v):
+                if v.op not in constants:
+                    constants.append(v.op)
+            elif v not in inputs:
+                inputs.append(v)
+    outputs = [v for op in members for v in op.result_values
+               if any(id(u) not in inside for u, _ in v.uses)]
+    body = Block([v.type for v in inputs])
+    mapping: dict[Value, Value] = dict(zip(inputs, body.args))
+    for op in constants + members:
+        body.append(op.clone([mapping[v] for v in op.operand_values], mapping))
+    body.append(op_class("kernel.yield")([mapping[v] for v in outputs]))
+    fused = op_class("kernel.fused")(inputs, {"kind": group.kind}, [v.type for v in outputs],
+                                    [Region([body])], group.anchor.loc)
+    block.insert(order[id(members[-1])] + 1, fused)
+    for old, new in zip(outputs, fused.result_values):
+        for user, i in list(old.uses):
+            if id(user) not in inside:
+                user.set_operand(i, new)
+    for op in reversed(members):
+        op.drop_operands()
+        block.remove(op)
+    return fused
+
+
+def topological_order(block: Block) -> None:
+    """Re-sort `block` so every op follows its operands' definitions, keeping the original
+    order wherever it already is one (outlined kernels sit at their last member's place)."""
+    ops = block.ops
+    index = {id(op): i for i, op in enumerate(ops)}
+    g = nx.DiGraph()
+    g.add_nodes_from(range(len(ops)))
+    for i, op in enumerate(ops):
+        for v in op.operand_values:
+            if v.op is not None and id(v.op) in index:
+                g.add_edge(index[id(v.op)], i)
+    block.ops = [ops[i] for i in nx.lexicographical_topological_sort(g)]
+
+
+def fuse_func(func: Func, epilogues: bool = True) -> tuple[dict[str, int], list[str]]:
+    fuser = _Fuser(func)
+    for op in fuser.ops:
+        if op.name in ANCHORS and fuser.free(op):
+            if epilogues:
+                fuser.grow_anchor(op)
+            else:
+                fuser.new_group(op, ANCHORS[op.name])
+        elif op.name == "tensor.attention" and fuser.free(op):
+            fuser.new_group(op, "attention")
+    for op in fuser.ops:
+        if op.name in ROW_OPS and fuser.free(op) and reduced_axes(op) is not None:
+            fuser.grow_rows(op, "reduction")
+    for op in fuser.ops:
+        if op.name in ELEMENTWISE and fuser.free(op):
+            fuser.grow_rows(op, "elementwise")
+    counts: dict[str, int] = {}
+    for group in fuser.groups.values():
+        outline(group, func.body)
+        counts[group.kind] = counts.get(group.kind, 0) + 1
+    topological_order(func.body)
+    eliminate_dead_ops(func.body)
+    return counts, fuser.reject_dups()
+
+
+@register_pass
+@dataclass(frozen=True)
+class Fuse(Pass):
+    """Outline matmul/attention/reduction/elementwise groups into kernel.fused ops."""
+
+    name = "fuse"
+    epilogues: bool = True  # fuse elementwise consumers into matmul kernels
+
+    def run(self, module: Module) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        rejected: list[str] = []
+        for f in module.funcs.values():
+            counts, why = fuse_func(f, self.epilogues)
+            for k, n in counts.items():
+                report[k] = report.get(k, 0) + n
+            rejected += why
+        if rejected:
+            report["rejected"] = rejected
+        return report
