@@ -1,6 +1,7 @@
 """lmc: an MLIR-style compiler for neural networks."""
 __version__ = "0.1.0"
 from lmc import ir  # noqa: F401
+from lmc.artifact import load  # noqa: F401
 from lmc.compile import CompiledModel, compile  # noqa: F401
 from lmc.errors import (  # noqa: F401
                         ArtifactError,

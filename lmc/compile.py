@@ -31,8 +31,8 @@ def compile(model, example_inputs=None, *, target: str | None = None,
                        "LMC_DUMP_IR") or None,
                    check_numerics=check_numerics or bool(options and options.check_numerics))
     if opts.target not in TARGETS:
-        raise LmcError(f"target '{opts.target}' is not available yet; available: "
-                       f"{', '.join(TARGETS)} (cpu and gpu arrive with their backends)")
+        raise LmcError(f"target '{opts.target}' is not available; available: "
+                       f"{', '.join(TARGETS)} (gpu arrives with its backend)")
     module = _import(model, example_inputs, dynamic_shapes)
     loose = unbound_symbols(module.main)
     if loose:
@@ -40,8 +40,15 @@ def compile(model, example_inputs=None, *, target: str | None = None,
                        "dim, so no call could bind them; derived dims (like 2*T) are supported "
                        "only when T itself is the size of some input dim")
     artifacts = {"import": print_module(module)}
-    passes = parse_pipeline(opts.pipeline if opts.pipeline is not None
-                            else ",".join(default_pipeline(opts)))
+    pipeline_text = opts.pipeline if opts.pipeline is not None else ",".join(
+        default_pipeline(opts))
+    passes = parse_pipeline(pipeline_text)
+    from lmc.cache import open_cache  # the cache dir is resolved here, never deeper
+    cache = open_cache(opts, os.environ.get("LMC_CACHE_DIR"))
+    cache_key = cache.key(module, opts, pipeline_text, artifacts["import"]) if cache else ""
+    hit = cache.load(cache_key, module, opts) if cache else None
+    if hit is not None:
+        return hit
     samples = None
     if opts.check_numerics:
         if example_inputs is None:
@@ -52,7 +59,18 @@ def compile(model, example_inputs=None, *, target: str | None = None,
                      verify_each=opts.verify_each)
     pm.run(module)
     artifacts["optimized"] = print_module(module)
-    return CompiledModel(module, artifacts, opts, pm)
+    compiled = CompiledModel(module, artifacts, opts, pm)
+    if cache is not None:
+        cache.store(cache_key, compiled)
+    return compiled
+
+
+def build_executable(module: Module, options: CompileOptions):
+    """The target's runner for an optimized module (None: the reference interpreter)."""
+    if options.target == "cpu":
+        from lmc.backends.cpu.runtime import CpuExecutable
+        return CpuExecutable(module, threads=options.threads)
+    return None
 
 
 def _import(model, example_inputs, dynamic_shapes) -> Module:
@@ -104,12 +122,23 @@ class CompiledModel:
     """A compiled model: call it with torch tensors (→ torch) or numpy arrays (→ numpy)."""
 
     def __init__(self, module: Module, artifacts: dict[str, str], options: CompileOptions,
-                 pass_manager: PassManager | None = None):
+                 pass_manager: PassManager | None = None, executable=None):
         self.module = module
         self.artifacts = artifacts
         self.options = options
         self.pass_records = pass_manager.records if pass_manager else []
         self.func = module.main
+        self.cache_hit = False  # True when lmc.compile served this from its compile cache
+        # `executable`: one built by lmc.load (object code registered with its engine first)
+        self.executable = executable if executable is not None else build_executable(
+            module, options)
+        if self.executable is not None:
+            self.artifacts.update(self.executable.artifacts())
+
+    def save(self, path: str | Path) -> Path:
+        """Write this model as one artifact file (`lmc.load(path)` reads it back)."""
+        from lmc.artifact import save
+        return save(self, path)
 
     @property
     def signature(self) -> list[tuple[str, TensorType]]:
@@ -117,9 +146,17 @@ class CompiledModel:
 
     def __call__(self, *inputs) -> Any:
         arrays, is_torch = self._check_inputs(inputs)
-        from lmc.backends.reference import run_func
-        outs = run_func(self.module, arrays, self.func)
+        if self.executable is not None:
+            outs = self.executable(arrays)
+        else:
+            from lmc.backends.reference import run_func
+            outs = run_func(self.module, arrays, self.func)
         return self._pack(outs, is_torch)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """What the target made of the model: kernels by kind, ops left to the interpreter."""
+        return self.executable.report() if self.executable is not None else {}
 
     def _check_inputs(self, inputs) -> tuple[list[np.ndarray], bool]:
         formal = self.func.inputs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TARGETS = ("ref",)  # "cpu" and "gpu" join with their backends
+TARGETS = ("ref", "cpu")  # "gpu" joins with its backend
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,8 @@ class CompileOptions:
     numerics_atol: float = 1e-5
     verify_each: bool = True             # verify after every pass (cheap; keep on)
     threads: int | None = None           # cpu: worker threads per kernel (None: all cores)
+    cache_dir: str | None = None         # compile cache (None: $LMC_CACHE_DIR or ~/.cache/lmc;
+                                         # "" or "off": no cache)
 
 
 def default_pipeline(options: CompileOptions) -> list[str]:

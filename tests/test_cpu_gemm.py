@@ -1,17 +1,29 @@
 """The CPU backend's JIT fp32 GEMM against numpy (float64) on fresh random inputs: odd sizes,
 B transposed, bias/ReLU epilogues, strided views, accumulation, both code paths (AVX-512, AVX2),
-and small cache blocks so that every blocking loop and edge runs at small sizes."""
+and small cache blocks so that every blocking loop and edge runs at small sizes. Then tile
+epilogues (hand-written LLVM functions), prepacked B, and the grouped (MoE) and batched GEMMs
+against the reference interpreter."""
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from backends.cpu import GemmConfig, Relu, compile_gemm, host_target, sgemm
 from backends.cpu import threads as cpu_threads
+from backends.cpu.gemm import TileEpilogue, default_config
+from backends.cpu.jit import HostTarget, JitError
+from backends.cpu.threads import batched_sgemm, grouped_sgemm, prepack_b
+from backends.reference.interpreter import IMPL
 from lmc.errors import ShapeError
 
 # Tiny blocks: K, M and N each span several KC/MC/NC blocks already at sizes ~100.
 SMALL_BLOCKS = GemmConfig(vl=8, mr=6, nv=2, kc=16, mc=12, nc=32)
+# The AVX-512 tile (8 x 48 of 16-lane vectors) with tiny blocks: on an AVX2 host LLVM splits each
+# 16-lane operation in two, so the AVX-512 path's IR (packing transposes, tile edges) runs here.
+WIDE_BLOCKS = GemmConfig(vl=16, mr=8, nv=3, kc=32, mc=16, nc=96)
 TOL = 1e-4
 
 
@@ -109,8 +121,9 @@ def test_beta_zero_ignores_garbage_in_out():
 def test_small_blocks_all_edges(m, n, k):
     rng, seed = _rng()
     a, b, bias = _rand(rng, m, k), _rand(rng, k, n), _rand(rng, n)
-    _check(sgemm(a, b, bias=bias, config=SMALL_BLOCKS, threads=2), a, b, seed, bias=bias)
-    _check(sgemm(a, b.T.copy(), trans_b=True, config=SMALL_BLOCKS), a, b, seed)
+    for config in (SMALL_BLOCKS, WIDE_BLOCKS):
+        _check(sgemm(a, b, bias=bias, config=config, threads=2), a, b, seed, bias=bias)
+        _check(sgemm(a, b.T.copy(), trans_b=True, config=config), a, b, seed)
 
 
 @pytest.mark.parametrize("m,n,k", [(50, 130, 70), (130, 50, 70), (7, 200, 9), (200, 7, 9)])
@@ -168,3 +181,448 @@ def test_llvm_ir_text_is_kept():
     kernel = compile_gemm()
     assert kernel.entry in kernel.llvm_ir
     assert f"@llvm.fma.v{kernel.config.vl}f32" in kernel.llvm_ir
+
+
+# -- tile epilogues: LLVM functions run on each finished tile, with its global position --
+
+HOST = host_target()
+# Both code paths where the host runs both; on an AVX2-only host only its own.
+TARGETS = [None] + ([HOST.without_avx512()] if HOST.has_avx512 else [])
+TARGET_IDS = ["host"] + (["avx2"] if HOST.has_avx512 else [])
+
+# c = 2c + row + 1000*col (global indices): checks the tile offsets and that it runs once. It
+# declares an intrinsic the GEMM module declares too, as a rendered epilogue may.
+OFFSETS_EPILOGUE = TileEpilogue("epi_offsets", """
+declare i64 @llvm.smin.i64(i64, i64)
+
+define internal void @epi_offsets(ptr %c, i64 %ldc, i64 %row0, i64 %col0, i64 %mr, i64 %nr,
+                                  ptr %args) {
+entry:
+  br label %row
+row:
+  %i = phi i64 [ 0, %entry ], [ %i.next, %row.end ]
+  %row.more = icmp slt i64 %i, %mr
+  br i1 %row.more, label %col.pre, label %done
+col.pre:
+  %gi = add i64 %row0, %i
+  %line = mul i64 %i, %ldc
+  br label %col
+col:
+  %j = phi i64 [ 0, %col.pre ], [ %j.next, %col ]
+  %p = getelementptr inbounds float, ptr %c, i64 %line
+  %pj = getelementptr inbounds float, ptr %p, i64 %j
+  %x = load float, ptr %pj
+  %gj = add i64 %col0, %j
+  %gj1000 = mul i64 %gj, 1000
+  %idx = add i64 %gi, %gj1000
+  %fidx = sitofp i64 %idx to float
+  %x2 = fmul float %x, 2.0
+  %y = fadd float %x2, %fidx
+  store float %y, ptr %pj
+  %j.next = add i64 %j, 1
+  %last = call i64 @llvm.smin.i64(i64 %j.next, i64 %nr)
+  %col.more = icmp slt i64 %last, %nr
+  br i1 %col.more, label %col, label %row.end
+row.end:
+  %i.next = add i64 %i, 1
+  br label %row
+done:
+  ret void
+}
+""")
+
+# c += r[row, col], r read through args = [pointer, row stride, column stride] (i64 words, in
+# elements), the docs/CPU_BACKEND.md layout of an epilogue operand.
+RESIDUAL_EPILOGUE = TileEpilogue("epi_residual", """
+define internal void @epi_residual(ptr %c, i64 %ldc, i64 %row0, i64 %col0, i64 %mr, i64 %nr,
+                                   ptr %args) {
+entry:
+  %r.word = load i64, ptr %args
+  %r = inttoptr i64 %r.word to ptr
+  %rs.p = getelementptr i64, ptr %args, i64 1
+  %rs = load i64, ptr %rs.p
+  %cs.p = getelementptr i64, ptr %args, i64 2
+  %cs = load i64, ptr %cs.p
+  br label %row
+row:
+  %i = phi i64 [ 0, %entry ], [ %i.next, %row.end ]
+  %row.more = icmp slt i64 %i, %mr
+  br i1 %row.more, label %col.pre, label %done
+col.pre:
+  %gi = add i64 %row0, %i
+  %line = mul i64 %i, %ldc
+  %rline = mul i64 %gi, %rs
+  br label %col
+col:
+  %j = phi i64 [ 0, %col.pre ], [ %j.next, %col ]
+  %at = add i64 %line, %j
+  %pc = getelementptr inbounds float, ptr %c, i64 %at
+  %x = load float, ptr %pc
+  %gj = add i64 %col0, %j
+  %rcol = mul i64 %gj, %cs
+  %rat = add i64 %rline, %rcol
+  %pr = getelementptr inbounds float, ptr %r, i64 %rat
+  %res = load float, ptr %pr
+  %y = fadd float %x, %res
+  store float %y, ptr %pc
+  %j.next = add i64 %j, 1
+  %col.more = icmp slt i64 %j.next, %nr
+  br i1 %col.more, label %col, label %row.end
+row.end:
+  %i.next = add i64 %i, 1
+  br label %row
+done:
+  ret void
+}
+""")
+
+
+def _offsets_ref(shape, row0=0, col0=0):
+    m, n = shape
+    return (row0 + np.arange(m))[:, None] + 1000.0 * (col0 + np.arange(n))[None, :]
+
+
+def _operand_args(r: np.ndarray) -> np.ndarray:
+    """The epilogue's args words for one float32 operand r [M, N] (any strides, 0 broadcasts)."""
+    return np.array([r.ctypes.data, r.strides[0] // 4, r.strides[1] // 4], np.int64)
+
+
+def _check_close(got, ref, scale, seed):
+    err = np.max(np.abs(got - ref) / np.maximum(scale, 1e-30), initial=0.0)
+    assert err <= TOL, f"relative error {err:.2e} (seed {seed})"
+
+
+EPI_SHAPES = [(1, 1, 1), (7, 13, 5), (129, 130, 257), (37, 300, 100), (300, 37, 64), (5, 9, 0)]
+
+
+@pytest.mark.parametrize("m,n,k", EPI_SHAPES)
+@pytest.mark.parametrize("config", [None, SMALL_BLOCKS, WIDE_BLOCKS],
+                         ids=["default", "small-blocks", "wide-blocks"])
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_tile_epilogue_sees_global_offsets(monkeypatch, m, n, k, config, target):
+    """Inside a sentinel-filled frame: an edge tile writing past its true mr/nr would show."""
+    monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)  # split even tiny ones
+    rng, seed = _rng()
+    a, b = _rand(rng, m, k), _rand(rng, k, n)
+    for threads in (1, 2):
+        frame = np.full((m + 4, n + 5), np.nan, np.float32)
+        out = frame[2:2 + m, 3:3 + n]
+        got = sgemm(a, b, out=out, tile_epilogue=OFFSETS_EPILOGUE, threads=threads,
+                    config=config, target=target)
+        ab = a.astype(np.float64) @ b
+        scale = 2 * np.abs(a.astype(np.float64)) @ np.abs(b) + _offsets_ref((m, n))
+        _check_close(got, 2 * ab + _offsets_ref((m, n)), scale, seed)
+        frame[2:2 + m, 3:3 + n] = 0
+        assert np.isnan(frame).sum() == frame.size - m * n, f"wrote outside out (seed {seed})"
+
+
+def test_tile_epilogue_caller_offsets_and_accumulate():
+    """row0/col0 shift the positions (a caller's sub-block); beta/alpha apply before it."""
+    rng, seed = _rng()
+    a, b, c0 = _rand(rng, 40, 70), _rand(rng, 70, 33), _rand(rng, 40, 33)
+    out = c0.copy()
+    sgemm(a, b, out=out, alpha=0.5, beta=-1.0, tile_epilogue=OFFSETS_EPILOGUE, row0=100,
+          col0=7, config=SMALL_BLOCKS, threads=2)
+    ab = a.astype(np.float64) @ b
+    ref = 2 * (0.5 * ab - c0) + _offsets_ref((40, 33), 100, 7)
+    scale = np.abs(a.astype(np.float64)) @ np.abs(b) + 2 * np.abs(c0) + np.abs(ref)
+    _check_close(out, ref, scale, seed)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 13, 5), (129, 130, 257), (50, 130, 0)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "row-broadcast"])
+def test_tile_epilogue_reads_operand_through_args(monkeypatch, m, n, k, layout):
+    monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    rng, seed = _rng()
+    a, b, bias = _rand(rng, m, k), _rand(rng, k, n), _rand(rng, n)
+    r = {"contiguous": lambda: _rand(rng, m, n), "transposed": lambda: _rand(rng, n, m).T,
+         "row-broadcast": lambda: np.broadcast_to(_rand(rng, n), (m, n))}[layout]()
+    args = _operand_args(r)
+    for config, threads in [(None, 2), (SMALL_BLOCKS, 1), (SMALL_BLOCKS, 2)]:
+        got = sgemm(a, b, bias=bias, epilogue=(Relu(),), tile_epilogue=RESIDUAL_EPILOGUE,
+                    epi_args=args, threads=threads, config=config)
+        ab = a.astype(np.float64) @ b
+        ref = np.maximum(ab + bias, 0) + r  # in-register ops first, then the tile epilogue
+        scale = np.abs(a.astype(np.float64)) @ np.abs(b) + np.abs(bias) + np.abs(r)
+        _check_close(got, ref, scale, seed)
+
+
+def test_tile_epilogue_with_strided_out_and_errors():
+    rng, seed = _rng()
+    a, b = _rand(rng, 9, 20), _rand(rng, 20, 11)
+    out = np.zeros((9, 22), np.float32)[:, ::2]  # non-unit column stride: via a temporary
+    sgemm(a, b, out=out, tile_epilogue=OFFSETS_EPILOGUE)
+    _check_close(out, 2 * (a.astype(np.float64) @ b) + _offsets_ref((9, 11)),
+                 np.abs(a) @ np.abs(b) * 2 + _offsets_ref((9, 11)), seed)
+    with pytest.raises(JitError, match="does not define"):
+        TileEpilogue("missing", "define internal void @other(ptr %c) {\n  ret void\n}\n")
+    with pytest.raises(JitError, match="not the tile ABI"):
+        TileEpilogue("epi_bad", "define internal void @epi_bad(ptr %c) {\n  ret void\n}\n")
+    bad = OFFSETS_EPILOGUE.llvm_ir.replace("%x2 = fmul float %x, 2.0", "%x2 = fmul float %x, 2")
+    with pytest.raises(JitError, match="LLVM rejected"):
+        sgemm(a, b, tile_epilogue=TileEpilogue("epi_offsets", bad))
+
+
+AVX512 = HostTarget("znver4", ",".join(sorted(
+    set(HOST.features.split(",")) - {f"-{f}" for f in ("avx512f", "avx512bw", "avx512dq",
+                                                        "avx512vl")}
+    | {"+avx512f", "+avx512bw", "+avx512dq", "+avx512vl"})))
+
+
+def test_avx512_module_with_tile_epilogue_compiles():
+    """The AVX-512 path (8x48 tile) renders valid IR with a tile epilogue; it runs only where
+    the host has AVX-512 (then TARGETS covers it), so here it is compiled but not called."""
+    kernel = compile_gemm(default_config(AVX512), (Relu(),), AVX512, RESIDUAL_EPILOGUE)
+    assert kernel.config.vl == 16 and "call void @epi_residual" in kernel.llvm_ir
+
+
+# -- prepacked B --
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (7, 13, 5), (129, 130, 257), (32, 515, 40)])
+@pytest.mark.parametrize("config", [None, SMALL_BLOCKS, WIDE_BLOCKS],
+                         ids=["default", "small-blocks", "wide-blocks"])
+def test_prepacked_b(monkeypatch, m, n, k, config):
+    monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    rng, seed = _rng()
+    a, w, bias = _rand(rng, m, k), _rand(rng, n, k), _rand(rng, n)
+    packed = prepack_b(w, trans_b=True, config=config)
+    assert packed.config == (config or compile_gemm().config)
+    for threads in (1, 2):
+        _check(sgemm(a, packed, bias=bias, threads=threads), a, w.T, seed, bias=bias)
+    _check(sgemm(a, prepack_b(w.T[:, ::-1], config=config))[:, ::-1], a, w.T, seed)
+    if config is not None:
+        with pytest.raises(ShapeError, match="packed for"):
+            sgemm(a, packed, config=GemmConfig(vl=8, mr=6, nv=2, kc=32, mc=12, nc=32))
+
+
+# -- grouped (MoE) GEMM, against the reference interpreter --
+
+
+def _grouped_ref(x, w, offsets):
+    return IMPL["moe.grouped_matmul"](None, {}, x.astype(np.float64), w.astype(np.float64),
+                                      offsets)
+
+
+def _grouped_scale(x, w, offsets):
+    return _grouped_ref(np.abs(x), np.abs(w), offsets)
+
+
+def _expert_offsets(rng, counts):
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+GROUPS = [[1], [0, 3, 0, 1], [5, 0, 17, 130, 2], [200, 1, 0]]
+
+
+@pytest.mark.parametrize("counts", GROUPS, ids=[str(c) for c in GROUPS])
+@pytest.mark.parametrize("d,f", [(1, 1), (13, 7), (40, 129)])
+@pytest.mark.parametrize("w_layout", ["contiguous", "transposed", "packed"])
+def test_grouped_matches_interpreter(monkeypatch, counts, d, f, w_layout):
+    monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    rng, seed = _rng()
+    offsets = _expert_offsets(rng, counts)
+    x, w = _rand(rng, int(offsets[-1]), d), _rand(rng, len(counts), d, f)
+    w_arg = {"contiguous": w, "transposed": np.ascontiguousarray(w.transpose(0, 2, 1))
+             .transpose(0, 2, 1), "packed": prepack_b(w, config=SMALL_BLOCKS)}[w_layout]
+    for threads in (1, 2):
+        got = grouped_sgemm(x, w_arg, offsets, threads=threads)
+        _check_close(got, _grouped_ref(x, w, offsets), _grouped_scale(x, w, offsets), seed)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
+def test_grouped_tile_epilogue_global_rows(monkeypatch, target):
+    """Rows before offsets[0] and after offsets[E] are 0 and still get the epilogue."""
+    monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    rng, seed = _rng()
+    offsets = np.array([3, 10, 10, 41, 42], np.int64)
+    x, w = _rand(rng, 50, 33), _rand(rng, 4, 33, 57)
+    ref = 2 * _grouped_ref(x, w, offsets) + _offsets_ref((50, 57))
+    scale = 2 * _grouped_scale(x, w, offsets) + _offsets_ref((50, 57))
+    for threads in (1, 2):
+        frame = np.full((52, 60), np.nan, np.float32)
+        got = grouped_sgemm(x, w, offsets, out=frame[1:51, 2:59], threads=threads,
+                            tile_epilogue=OFFSETS_EPILOGUE, target=target)
+        _check_close(got, ref, scale, seed)
+        assert np.isnan(frame).sum() == frame.size - 50 * 57
+    residual = _rand(rng, 50, 57)
+    got = grouped_sgemm(x, w, offsets, tile_epilogue=RESIDUAL_EPILOGUE, target=target,
+                        epi_args=_operand_args(residual))
+    _check_close(got, _grouped_ref(x, w, offsets) + residual,
+                 _grouped_scale(x, w, offsets) + np.abs(residual), seed)
+
+
+def test_grouped_keeps_both_threads_busy():
+    """A skewed routing (one expert takes almost all rows) still splits across the threads."""
+    cfg = default_config(HOST)
+    sizes = [(500, 1536, 512), (3, 1536, 512), (1, 1536, 512)]
+    plan = cpu_threads.schedule(sizes, cfg, 2)
+    assert len(plan) == 2
+    for share in plan:
+        work = sum((m1 - m0) * (n1 - n0) for i, (m0, m1, n0, n1) in share)
+        assert 0.4 < work / sum(m * n for m, n, _ in sizes) < 0.6
+    covered = {i: np.zeros((m, n), int) for i, (m, n, _) in enumerate(sizes)}
+    for share in plan:
+        for i, (m0, m1, n0, n1) in share:
+            covered[i][m0:m1, n0:n1] += 1
+    assert all((c == 1).all() for c in covered.values())
+
+
+def test_grouped_errors_and_strided_out():
+    rng, seed = _rng()
+    x, w = _rand(rng, 6, 4), _rand(rng, 2, 4, 5)
+    out = np.zeros((6, 10), np.float32)[:, ::2]
+    offsets = np.array([0, 2, 6])
+    grouped_sgemm(x, w, offsets, out=out)
+    _check_close(out, _grouped_ref(x, w, offsets), _grouped_scale(x, w, offsets), seed)
+    for bad in ([0, 4, 2], [0, 2, 7], [-1, 2, 6], [0, 6]):
+        with pytest.raises(ShapeError, match="offsets"):
+            grouped_sgemm(x, w, np.array(bad))
+    with pytest.raises(ShapeError, match="does not fit"):
+        grouped_sgemm(_rand(rng, 6, 3), w, offsets)
+
+
+# -- batched GEMM, numpy.matmul semantics --
+
+
+def _check_matmul(got, a, b, seed):
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    ref = np.matmul(a64, b64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    _check_close(got, ref, np.matmul(np.abs(a64), np.abs(b64)), seed)
+
+
+BATCHED = [((2, 3, 17, 9), (2, 3, 9, 17)), ((1, 7, 5), (3, 5, 1)), ((2, 1, 5, 7), (3, 7, 4)),
+           ((7,), (2, 7, 4)), ((3, 5, 7), (7,)), ((4, 9, 7), (7, 5)), ((5, 3, 0), (5, 0, 6)),
+           ((0, 3, 4), (4, 5)), ((3, 129, 33), (3, 33, 65))]
+
+
+@pytest.mark.parametrize("a_shape,b_shape", BATCHED, ids=[f"{a}@{b}" for a, b in BATCHED])
+def test_batched_matches_numpy(monkeypatch, a_shape, b_shape):
+    monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    rng, seed = _rng()
+    a, b = _rand(rng, *a_shape), _rand(rng, *b_shape)
+    for threads in (1, 2):
+        _check_matmul(batched_sgemm(a, b, threads=threads), a, b, seed)
+    if b.ndim >= 2:
+        bt = np.ascontiguousarray(np.swapaxes(b, -1, -2))
+        _check_matmul(batched_sgemm(a, bt, trans_b=True), a, b, seed)
+
+
+def test_batched_strided_views_and_folding(monkeypatch):
+    rng, seed = _rng()
+    q = _rand(rng, 2, 11, 3, 8)  # [B, T, H, D] permuted to [B, H, T, D]: not foldable
+    k = _rand(rng, 2, 11, 3, 8)
+    qh, kh = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)
+    out = np.full((2, 3, 11, 13), np.nan, np.float32)[..., :11]
+    got = batched_sgemm(qh, kh, out=out, threads=2)
+    assert got is out
+    _check_matmul(out, qh, kh, seed)
+    _check_matmul(batched_sgemm(qh, k.transpose(0, 2, 1, 3), trans_b=True), qh, kh, seed)
+    calls = []
+    real = cpu_threads.sgemm
+    monkeypatch.setattr(cpu_threads, "sgemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x, w = _rand(rng, 4, 5, 16), _rand(rng, 16, 9)
+    _check_matmul(batched_sgemm(x, w), x, w, seed)
+    xs, wb = x[:, :, :8], np.broadcast_to(w[:8], (4, 8, 9))  # rows still collapse: ldA = 16
+    _check_matmul(batched_sgemm(xs, wb), xs, wb, seed)
+    assert len(calls) == 2  # both fold into one [20, 16 | 8] @ [16 | 8, 9] GEMM
+    _check_matmul(batched_sgemm(x.transpose(1, 0, 2), w), x.transpose(1, 0, 2), w, seed)
+    assert len(calls) == 2  # [5, 4, 16] permuted: rows do not collapse, runs as a batch
+
+
+def test_batched_errors():
+    with pytest.raises(ShapeError, match="cannot multiply"):
+        batched_sgemm(np.zeros((2, 3, 4), np.float32), np.zeros((3, 4, 5), np.float32))
+    with pytest.raises(ShapeError, match="cannot multiply"):
+        batched_sgemm(np.zeros((3, 4), np.float32), np.zeros((5, 6), np.float32))
+    with pytest.raises(ShapeError, match="out"):
+        batched_sgemm(np.zeros((2, 3, 4), np.float32), np.zeros((4, 5), np.float32),
+                      out=np.zeros((2, 3, 6), np.float32))
+
+
+# -- the core pool: Python and native jobs, errors, sleeping and nested use --
+
+
+_FILL_IR = """define void @lmc_test_fill(i64 %start, i64 %end, ptr %a, ptr %scratch) {
+entry:
+  br label %loop
+loop:
+  %i = phi i64 [ %start, %entry ], [ %next, %loop ]
+  %p = getelementptr i64, ptr %a, i64 %i
+  %v = mul i64 %i, 3
+  store i64 %v, ptr %p, align 8
+  %next = add i64 %i, 1
+  %more = icmp slt i64 %next, %end
+  br i1 %more, label %loop, label %done
+done:
+  ret void
+}
+"""
+
+
+def _fill_kernel() -> int:
+    from backends.cpu.jit import default_engine
+    engine = default_engine()
+    if "lmc_test_fill" not in engine.modules:
+        engine.add_ir("lmc_test_fill", _FILL_IR)
+    return engine.function_address("lmc_test_fill")
+
+
+@pytest.mark.parametrize("wait_spin_us", [cpu_threads.WAIT_SPIN_US, 0], ids=["spin", "sleep"])
+def test_pool_python_and_native_jobs(monkeypatch, wait_spin_us):
+    """Native range tasks and Python jobs, more jobs than cores (extras run in the caller);
+    with no spin budget the caller sleeps and the worker has to wake it."""
+    monkeypatch.setattr(cpu_threads, "WAIT_SPIN_US", wait_spin_us)
+    fill, pool = _fill_kernel(), cpu_threads.pool()
+    for _ in range(3):
+        out = np.zeros(4000, np.int64)
+        seen = []
+        jobs = [lambda seen=seen: seen.append("caller")]
+        jobs += [cpu_threads.range_task(fill, 1000 * i, 1000 * (i + 1), out.ctypes.data)
+                 for i in range(3)]
+        jobs.append(lambda seen=seen: seen.append("python"))
+        pool.run(jobs)
+        np.testing.assert_array_equal(out[:3000], 3 * np.arange(3000))
+        assert sorted(seen) == ["caller", "python"]
+        time.sleep(0.002)  # past the worker's spin budget: the next post must wake it
+    # A worker job that outlasts the caller's: the caller's wait times out (at once when
+    # wait_spin_us is 0) and it sleeps until the worker, Python or native, wakes it.
+    slow = []
+    pool.run([lambda: None, lambda: (time.sleep(0.01), slow.append(1))])
+    big = np.zeros(1 << 23, np.int64)
+    pool.run([lambda: None, cpu_threads.range_task(fill, 0, big.size, big.ctypes.data)])
+    assert slow == [1] and big[-1] == 3 * (big.size - 1)
+
+
+def test_pool_reraises_and_recovers():
+    pool = cpu_threads.pool()
+
+    def fail():
+        raise ValueError("from a worker")
+
+    with pytest.raises(ValueError, match="from a worker"):
+        pool.run([lambda: None, fail])
+    rng, seed = _rng()
+    a, b = _rand(rng, 300, 200), _rand(rng, 200, 300)
+    _check(sgemm(a, b, threads=2), a, b, seed)  # still usable
+
+
+def test_pool_nested_and_concurrent_calls():
+    """A job calling the pool, and Python threads sharing it, run inline, not deadlock."""
+    rng, seed = _rng()
+    a, b = _rand(rng, 300, 200), _rand(rng, 200, 300)
+    got = {}
+
+    def gemm(name):
+        got[name] = sgemm(a, b, threads=2)
+
+    cpu_threads.pool().run([lambda: gemm("outer"), lambda: gemm("nested")])
+    threads = [threading.Thread(target=gemm, args=(f"t{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == ["nested", "outer", "t0", "t1", "t2"]
+    for out in got.values():
+        _check(out, a, b, seed)

@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from backends.cpu import default_engine, host_target, vmath
-from backends.cpu.gemm import INTRINSICS as GEMM_INTRINSICS
-from backends.cpu.irtext import FunctionWriter, vec
-from backends.cpu.jit import HostTarget, JitEngine
+from lmc.backends.cpu import default_engine, host_target, vmath
+from lmc.backends.cpu.gemm import INTRINSICS as GEMM_INTRINSICS
+from lmc.backends.cpu.irtext import FunctionWriter, vec
+from lmc.backends.cpu.jit import HostTarget, JitEngine
 
 FLT_MIN, FLT_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 SUBNORMAL_ULP = 2.0 ** -149

@@ -36,8 +36,8 @@ def test_gpt_block_kernels(attn, tmp_path):
     cm = _compile(model, (torch.randn(2, 16, 64),), ({0: B, 1: T},), tmp_path)
     # ln1, ln2 | qkv, proj(+residual), fc1(+gelu), fc2(+residual) | one attention
     assert _kernels(cm) == {"reduction": 2, "matmul": 4, "attention": 1}
-    att = [op.body.ops[0] for op in cm.module.main.body.ops
-           if op.name == "kernel.fused" and op.kind == "attention"][0]
+    att = next(op.body.ops[0] for op in cm.module.main.body.ops
+               if op.name == "kernel.fused" and op.kind == "attention")
     assert att.causal and att.mask is None  # the tril buffer was recognized as causal
     x = torch.randn(3, 21, 64)
     with torch.no_grad():

@@ -7,7 +7,12 @@ packed into MR-row panels (KC x MR). The micro-kernel keeps an MR x NR tile of C
 registers (MR x NV vectors of VL lanes) and runs one broadcast-FMA per row per vector per k. The B
 micro-panel stays in L1 across the MR-row panels of the A block, which stays in L2. Strides are
 runtime arguments, so one compile serves every shape and layout: B^T (torch Linear weights,
-stored [N, K]) is just B with swapped strides, absorbed by the packing.
+stored [N, K]) is just B with swapped strides, absorbed by the packing. A constant B (weights) can
+be packed once, full K deep (`b_packed`): the driver then reads its panels in place.
+
+Two epilogue kinds: `EpilogueOp`s act on the accumulator registers before the store (bias,
+ReLU); a `TileEpilogue` is an LLVM function (rendered by the fusion code) that the micro-kernel
+calls on each finished tile in memory, with the tile's global row/column, on the last K block.
 
 Edges (M, N not multiples of MR, NR) are handled by packing zeros and, for a partial tile, running
 the same store code on a stack tile copied in and out, so the epilogue is written once.
@@ -16,13 +21,19 @@ from __future__ import annotations
 
 import abc
 import ctypes
+import hashlib
+import re
 import threading
 from dataclasses import dataclass, field
 
 from .irtext import FunctionWriter, fconst, vec
-from .jit import HostTarget, default_engine
+from .jit import HostTarget, JitError, default_engine
 
 PTR_ALIGN = 64  # packed buffers are allocated 64-byte aligned (see threads.py)
+# A job record of the batch entry (`render_jobs`): i64 words, then one pointer per column operand.
+JOB_FIELDS = ("m", "n", "k", "a", "b", "c", "row0", "col0")
+# The tile epilogue's parameters: (c, ldc, row0, col0, mr, nr, args), see `TileEpilogue`.
+TILE_EPILOGUE_TYPES = ("ptr", "i64", "i64", "i64", "i64", "i64", "ptr")
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,34 @@ def _n_column_operands(epilogue: tuple[EpilogueOp, ...]) -> int:
     return sum(op.column_operands for op in epilogue)
 
 
+@dataclass(frozen=True)
+class TileEpilogue:
+    """An elementwise tail run on each finished C tile in memory, as an LLVM function (rendered by
+    the fusion code, docs/CPU_BACKEND.md). Its text is put into the GEMM module so LLVM can inline
+    it: `define internal void @NAME(ptr %c, i64 %ldc, i64 %row0, i64 %col0, i64 %mr, i64 %nr,
+    ptr %args)` updates C[row0:row0+mr, col0:col0+nr] (row stride ldc) in place."""
+
+    name: str
+    llvm_ir: str
+
+    def __post_init__(self) -> None:
+        # LLVM accepts a call whose type differs from the callee's (opaque pointers), so the
+        # ABI is checked here rather than found as a crash.
+        found = re.search(rf"define\s+(?:internal\s+)?void\s+@{re.escape(self.name)}\s*"
+                          r"\(([^)]*)\)", self.llvm_ir)
+        if found is None:
+            raise JitError(f"tile epilogue text does not define 'void @{self.name}(...)'")
+        types = tuple(p.split()[0] for p in found.group(1).split(",") if p.strip())
+        if types != TILE_EPILOGUE_TYPES:
+            raise JitError(f"tile epilogue @{self.name} takes ({', '.join(types)}), not the "
+                           f"tile ABI ({', '.join(TILE_EPILOGUE_TYPES)})")
+
+    @property
+    def tag(self) -> str:
+        """Names the compiled module: equal texts share one, different texts never collide."""
+        return "te" + hashlib.sha1(self.llvm_ir.encode()).hexdigest()[:12]
+
+
 # -- packing --
 
 
@@ -114,14 +153,22 @@ def render_pack_a(cfg: GemmConfig, name: str) -> str:
     mr = cfg.mr
     w = FunctionWriter(f"internal void @{name}(ptr noalias %a, i64 %rsa, i64 %csa, i64 %mc, "
                        f"i64 %kc, ptr noalias %ap)")
+    vector = cfg.vl // 2 <= mr <= cfg.vl  # each output vector spans <= 2 transposed k rows
     with w.loop("0", "%mc", mr, "ir") as ir:
         rows = w.smin(str(mr), w.op("sub", "%mc", ir))
         dst = w.gep("%ap", w.op("mul", ir, "%kc"))
         src = w.gep("%a", w.op("mul", ir, "%rsa"))
         with w.if_else(w.value(f"icmp eq i64 {rows}, {mr}")) as otherwise:
-            # Full panel: MR row streams read together, one contiguous MR-float write per k.
             row_ptrs = [w.gep(src, w.op("mul", str(i), "%rsa")) for i in range(mr)]
-            with w.loop("0", "%kc", 1, "k") as k:
+            k_tail = "0"
+            if vector:
+                # Row-major A (the usual case): VL k-values of the MR rows per step, transposed
+                # in registers, instead of MR scalar copies per k (~2 cycles per element).
+                k_tail = w.value(f"select i1 {w.value('icmp eq i64 %csa, 1')}, "
+                                 f"i64 {w.op('and', '%kc', str(-cfg.vl))}, i64 0")
+                _pack_a_vectors(w, cfg, row_ptrs, dst, k_tail)
+            # Full panel: MR row streams read together, one contiguous MR-float write per k.
+            with w.loop(k_tail, "%kc", 1, "k") as k:
                 koff = w.op("mul", k, "%csa")
                 out = w.gep(dst, w.op("mul", k, str(mr)))
                 for i, row in enumerate(row_ptrs):
@@ -131,12 +178,33 @@ def render_pack_a(cfg: GemmConfig, name: str) -> str:
     return w.text()
 
 
+def _pack_a_vectors(w: FunctionWriter, cfg: GemmConfig, row_ptrs: list[str], dst: str,
+                    k_end: str) -> None:
+    """dst[k*MR + i] = row_i[k] for k < k_end (a multiple of VL; rows contiguous along k).
+    The MR x VL block, padded to VL x VL with poison rows, is transposed into VL k-rows of MR
+    valid lanes; output vector v of the contiguous block takes its lanes from two of them."""
+    t, mr, v = cfg.vl, cfg.mr, vec(cfg.vl)
+    with w.loop("0", k_end, t, "ka") as k:
+        loaded = [w.load(v, w.gep(row, k)) for row in row_ptrs] + ["poison"] * (t - mr)
+        k_rows = _transpose(w, loaded, t) + ["poison"]
+        out = w.gep(dst, w.op("mul", k, str(mr)))
+        for j in range(mr):  # MR output vectors of VL lanes: flat f = kk*MR + i
+            first = j * t // mr
+            mask = [(f // mr - first) * t + f % mr for f in range(j * t, (j + 1) * t)]
+            lanes = ", ".join(f"i32 {x}" for x in mask)
+            packed = w.value(f"shufflevector {v} {k_rows[first]}, {v} {k_rows[first + 1]}, "
+                             f"<{t} x i32> <{lanes}>")
+            w.store(v, packed, w.gep(out, str(j * t)))
+
+
 def render_pack_b(cfg: GemmConfig, name: str) -> str:
-    """B[kc, nc] (strides rsb, csb) -> NR-column panels, each kc x NR contiguous, zero padded."""
+    """B[kc, nc] (strides rsb, csb) -> NR-column panels, each kc x NR contiguous, zero padded.
+    Exported: `prepack_b` calls it once with kc = K for constant weights."""
     nr = cfg.nr
-    w = FunctionWriter(f"internal void @{name}(ptr noalias %b, i64 %rsb, i64 %csb, i64 %kc, "
+    w = FunctionWriter(f"void @{name}(ptr noalias %b, i64 %rsb, i64 %csb, i64 %kc, "
                        f"i64 %nc, ptr noalias %bp)")
     unit = w.value("icmp eq i64 %csb, 1")
+    unit_k = w.value("icmp eq i64 %rsb, 1")
     with w.loop("0", "%nc", nr, "jr") as jr:
         cols = w.smin(str(nr), w.op("sub", "%nc", jr))
         dst = w.gep("%bp", w.op("mul", jr, "%kc"))
@@ -148,37 +216,80 @@ def render_pack_b(cfg: GemmConfig, name: str) -> str:
                 row = w.load(vec(nr), w.gep(src, w.op("mul", k, "%rsb")))
                 w.store(vec(nr), row, w.gep(dst, w.op("mul", k, str(nr))), PTR_ALIGN)
             otherwise()
-            # B^T or strided, or a partial panel: column streams, each contiguous when csb==ldb.
-            _pack_edge(w, src, "%csb", "%rsb", cols, dst, nr)
+            with w.if_else(w.op("and", full, unit_k, "i1")) as strided:
+                # B^T (torch Linear weights [N, K]): VL x VL blocks transposed in registers,
+                # ~4x fewer instructions than one scalar copy per element.
+                k_tail = _pack_transposed(w, cfg, src, dst)
+                _pack_edge(w, src, "%csb", "1", cols, dst, nr, k_tail)
+                strided()
+                # Strided, or a partial panel: column streams.
+                _pack_edge(w, src, "%csb", "%rsb", cols, dst, nr)
     return w.text()
 
 
+def _pack_transposed(w: FunctionWriter, cfg: GemmConfig, src: str, dst: str) -> str:
+    """A full panel whose columns are contiguous along k, for k below kc rounded down to VL:
+    per VL-column group, VL column vectors -> VL k-row vectors. Returns where the k tail
+    starts."""
+    t, v = cfg.vl, vec(cfg.vl)
+    k_main = w.op("and", "%kc", str(-t))
+    with w.loop("0", k_main, t, "kv") as k:
+        for g in range(cfg.nv):
+            cols = [w.load(v, w.gep(src, w.op("add", w.op("mul", str(g * t + lane), "%csb"), k)))
+                    for lane in range(t)]
+            for kk, row in enumerate(_transpose(w, cols, t)):
+                at = w.op("add", w.op("mul", w.op("add", k, str(kk)), str(cfg.nr)), str(g * t))
+                w.store(v, row, w.gep(dst, at), 4 * t)
+    return k_main
+
+
+def _transpose(w: FunctionWriter, rows: list[str], t: int) -> list[str]:
+    """t x t transpose of t vectors by block swaps: at block size b, rows i and i+b exchange
+    their off-diagonal b-wide halves; each mask maps to one or two x86 shuffles."""
+    v, b = vec(t), 1
+    rows = list(rows)
+    while b < t:
+        for i in (i for i in range(t) if not i & b):
+            lo = [p if not p & b else t + p - b for p in range(t)]
+            hi = [p + b if not p & b else t + p for p in range(t)]
+            pair = rows[i], rows[i + b]
+            rows[i], rows[i + b] = (w.value(f"shufflevector {v} {pair[0]}, {v} {pair[1]}, "
+                                            f"<{t} x i32> <{', '.join(f'i32 {x}' for x in m)}>")
+                                    for m in (lo, hi))
+        b *= 2
+    return rows
+
+
 def _pack_edge(w: FunctionWriter, src: str, lane_stride: str, k_stride: str, lanes: str,
-               dst: str, width: int) -> None:
-    """dst[k*width + l] = src[l*lane_stride + k*k_stride] for l < lanes, else 0."""
+               dst: str, width: int, k0: str = "0") -> None:
+    """dst[k*width + l] = src[l*lane_stride + k*k_stride] for l < lanes (else 0), k0 <= k < kc."""
     with w.loop("0", str(width), 1, "l") as lane:
         out = w.gep(dst, lane)
         with w.if_else(w.value(f"icmp slt i64 {lane}, {lanes}")) as otherwise:
             line = w.gep(src, w.op("mul", lane, lane_stride))
-            with w.loop("0", "%kc", 1, "k") as k:
+            with w.loop(k0, "%kc", 1, "k") as k:
                 val = w.load("float", w.gep(line, w.op("mul", k, k_stride)))
                 w.store("float", val, w.gep(out, w.op("mul", k, str(width))))
             otherwise()
-            with w.loop("0", "%kc", 1, "k") as k:
+            with w.loop(k0, "%kc", 1, "k") as k:
                 w.store("float", "0.0", w.gep(out, w.op("mul", k, str(width))))
 
 
 # -- micro-kernel --
 
 
-def render_microkernel(cfg: GemmConfig, name: str, epilogue: tuple[EpilogueOp, ...]) -> str:
+def render_microkernel(cfg: GemmConfig, name: str, epilogue: tuple[EpilogueOp, ...],
+                       tile_epilogue: TileEpilogue | None = None) -> str:
     """MR x NR tile: acc = Ap^T Bp over kc, then C = alpha*acc + (first ? beta : 1)*C, and on the
-    last K slice the epilogue. `mr`/`nr` < MR/NR marks an edge tile."""
-    cols = "".join(f", ptr %col{i}" for i in range(_n_column_operands(epilogue)))
+    last K slice the epilogues. `mr`/`nr` < MR/NR marks an edge tile; `row`/`col` is the tile's
+    global position, passed to the tile epilogue with `epi_args`."""
+    cols = "".join(f", ptr %colop{i}" for i in range(_n_column_operands(epilogue)))
     w = FunctionWriter(
         f"internal void @{name}(i64 %kc, ptr noalias align {PTR_ALIGN} %ap, "
         f"ptr noalias align {PTR_ALIGN} %bp, ptr noalias %c, i64 %ldc, i64 %mr, i64 %nr, "
-        f"i1 %first, i1 %last, float %alpha, float %beta{cols})")
+        f"i1 %first, i1 %last, float %alpha, float %beta, i64 %row, i64 %col, ptr %epi_args"
+        f"{cols})")
+    _prefetch_c(w, cfg)
     v = vec(cfg.vl)
     accs = [[w.slot(v, "zeroinitializer", f"acc{i}_{j}") for j in range(cfg.nv)]
             for i in range(cfg.mr)]
@@ -189,7 +300,24 @@ def render_microkernel(cfg: GemmConfig, name: str, epilogue: tuple[EpilogueOp, .
     with w.loop(main, "%kc", 1, "kt") as k:
         _rank1_update(w, cfg, accs, k)
     _store_tile(w, cfg, accs, epilogue)
+    if tile_epilogue is not None:
+        # After the store (and the edge copy-out): the epilogue sees the true mr x nr tile of C.
+        with w.if_("%last", "tile.epilogue"):
+            w.emit(f"call void @{tile_epilogue.name}(ptr %c, i64 %ldc, i64 %row, i64 %col, "
+                   f"i64 %mr, i64 %nr, ptr %epi_args)")
     return w.text()
+
+
+def _prefetch_c(w: FunctionWriter, cfg: GemmConfig) -> None:
+    """Start fetching the C tile (for writing) before the K loop: C is touched only after it, and
+    an M x N output larger than L2 would otherwise stall every tile store on L3/DRAM."""
+    offsets = sorted(set(range(0, cfg.nr, 64 // 4)) | {cfg.nr - 1})  # every 64-byte line
+    for i in range(cfg.mr):
+        # No `inbounds`: rows past an edge tile's mr may lie outside C; a prefetch never faults.
+        row = w.value(f"getelementptr float, ptr %c, i64 {w.op('mul', str(i), '%ldc')}", "p")
+        for off in offsets:
+            line = w.value(f"getelementptr float, ptr {row}, i64 {off}", "p")
+            w.emit(f"call void @llvm.prefetch.p0(ptr {line}, i32 1, i32 3, i32 1)")
 
 
 def _rank1_update(w: FunctionWriter, cfg: GemmConfig, accs, k: str) -> None:
@@ -221,10 +349,11 @@ def _store_tile(w: FunctionWriter, cfg: GemmConfig, accs, epilogue) -> None:
             _copy_block(w, "%c", "%ldc", tmp, str(nr), "%mr", "%nr")
         with w.if_("%last"):
             for i, dst in enumerate(tmp_cols):
-                _copy_block(w, f"%col{i}", "0", dst, "0", "1", "%nr")
+                _copy_block(w, f"%colop{i}", "0", dst, "0", "1", "%nr")
     cdst = w.value(f"select i1 {full}, ptr %c, ptr {tmp}")
     ldd = w.value(f"select i1 {full}, i64 %ldc, i64 {nr}")
-    col_ptrs = [w.value(f"select i1 {full}, ptr %col{i}, ptr {t}") for i, t in enumerate(tmp_cols)]
+    col_ptrs = [w.value(f"select i1 {full}, ptr %colop{i}, ptr {t}")
+                for i, t in enumerate(tmp_cols)]
     scale = w.value(f"select i1 %first, float %beta, float {fconst(1.0)}")
     alpha, scale_v = w.splat("%alpha", vl), w.splat(scale, vl)
     tile_ptrs = [[w.gep(cdst, w.op("add", w.op("mul", str(i), ldd), str(j * vl)))
@@ -269,67 +398,187 @@ def _copy_block(w: FunctionWriter, src: str, lds: str, dst: str, ldd: str, rows:
 
 # -- driver: the five loops around the micro-kernel --
 
+DRIVER_ARGS = ("i64 %M, i64 %N, i64 %K, ptr %A, i64 %rsa, i64 %csa, ptr %B, i64 %rsb, i64 %csb, "
+               "ptr %C, i64 %ldc, float %alpha, float %beta, ptr %apack, ptr %bpack, "
+               "i64 %b_packed, ptr %epi_args, i64 %row0, i64 %col0")
+
 
 def render_driver(cfg: GemmConfig, name: str, names: dict[str, str], n_cols: int) -> str:
-    """`name(M, N, K, A, rsa, csa, B, rsb, csb, C, ldc, alpha, beta, apack, bpack, cols...)`."""
-    cols = "".join(f", ptr %col{i}" for i in range(n_cols))
-    w = FunctionWriter(
-        f"void @{name}(i64 %M, i64 %N, i64 %K, ptr %A, i64 %rsa, i64 %csa, ptr %B, i64 %rsb, "
-        f"i64 %csb, ptr %C, i64 %ldc, float %alpha, float %beta, ptr %apack, ptr %bpack{cols})")
-    with w.loop("0", "%N", cfg.nc, "jc") as jc:
-        nc = w.smin(str(cfg.nc), w.op("sub", "%N", jc))
-        with w.loop("0", "%K", cfg.kc, "pc") as pc:
-            kc = w.smin(str(cfg.kc), w.op("sub", "%K", pc))
+    """`name(DRIVER_ARGS, colops...)`: C[M, N] of one call; (row0, col0) is its global offset
+    for the tile epilogue. `b_packed` != 0: B is already packed full K deep (see `prepack_b`)."""
+    cols = "".join(f", ptr %colop{i}" for i in range(n_cols))
+    w = FunctionWriter(f"void @{name}({DRIVER_ARGS}{cols})")
+    kstep, mstep = _even_step(w, "%K", cfg.kc, 1), _even_step(w, "%M", cfg.mc, cfg.mr)
+    nstep = _even_step(w, "%N", cfg.nc, cfg.nr)
+    # K == 0 still makes one pass with kc = 0: C = beta*C and the epilogues run exactly once.
+    kend = w.value("call i64 @llvm.smax.i64(i64 %K, i64 1)")
+    packed = w.value("icmp ne i64 %b_packed, 0")
+    with w.loop("0", "%N", nstep, "jc") as jc:
+        nc = w.smin(nstep, w.op("sub", "%N", jc))
+        with w.loop("0", kend, kstep, "pc") as pc:
+            kc = w.smin(kstep, w.op("sub", "%K", pc))
             first = w.value(f"icmp eq i64 {pc}, 0")
             last = w.value(f"icmp sge i64 {w.op('add', pc, kc)}, %K")
-            b_src = w.gep("%B", w.op("add", w.op("mul", pc, "%rsb"), w.op("mul", jc, "%csb")))
-            w.emit(f"call void @{names['pack_b']}(ptr {b_src}, i64 %rsb, i64 %csb, i64 {kc}, "
-                   f"i64 {nc}, ptr %bpack)")
-            with w.loop("0", "%M", cfg.mc, "ic") as ic:
-                mc = w.smin(str(cfg.mc), w.op("sub", "%M", ic))
+            with w.if_(w.value(f"xor i1 {packed}, true"), "pack.b"):
+                b_src = w.gep("%B", w.op("add", w.op("mul", pc, "%rsb"),
+                                         w.op("mul", jc, "%csb")))
+                w.emit(f"call void @{names['pack_b']}(ptr {b_src}, i64 %rsb, i64 %csb, "
+                       f"i64 {kc}, i64 {nc}, ptr %bpack)")
+            # Panel jr (a multiple of NR) starts at bbase + jr * pstride floats.
+            packed_base = w.gep("%B", w.op("add", w.op("mul", jc, "%K"),
+                                           w.op("mul", pc, str(cfg.nr))))
+            bbase = w.value(f"select i1 {packed}, ptr {packed_base}, ptr %bpack")
+            pstride = w.value(f"select i1 {packed}, i64 %K, i64 {kc}")
+            with w.loop("0", "%M", mstep, "ic") as ic:
+                mc = w.smin(mstep, w.op("sub", "%M", ic))
                 a_src = w.gep("%A", w.op("add", w.op("mul", ic, "%rsa"), w.op("mul", pc, "%csa")))
                 w.emit(f"call void @{names['pack_a']}(ptr {a_src}, i64 %rsa, i64 %csa, "
                        f"i64 {mc}, i64 {kc}, ptr %apack)")
-                _macro_kernel(w, cfg, names["ukernel"], n_cols, (ic, jc, mc, nc, kc, first, last))
+                _macro_kernel(w, cfg, names["ukernel"], n_cols,
+                              (ic, jc, mc, nc, kc, first, last, bbase, pstride))
     return w.text()
+
+
+def _even_step(w: FunctionWriter, total: str, block: int, unit: int) -> str:
+    """The block size that splits `total` into as few blocks of <= `block` as possible, all of
+    about equal size (a multiple of `unit`): M = 512 in 120-row blocks would leave a thin 32."""
+    ceil_blocks = w.op("sdiv", w.op("add", total, str(block - 1)), str(block))
+    blocks = w.value(f"call i64 @llvm.smax.i64(i64 {ceil_blocks}, i64 1)")
+    step = w.op("sdiv", w.op("add", total, w.op("sub", blocks, "1")), blocks)
+    step = w.op("mul", w.op("sdiv", w.op("add", step, str(unit - 1)), str(unit)), str(unit))
+    return w.value(f"call i64 @llvm.smax.i64(i64 {step}, i64 {unit})")
 
 
 def _macro_kernel(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block) -> None:
     """jr over NR panels of packed B (kept in L1), ir over MR panels of packed A (in L2)."""
-    ic, jc, mc, nc, kc, first, last = block
+    ic, jc, mc, nc, kc, first, last, bbase, pstride = block
     with w.loop("0", nc, cfg.nr, "jr") as jr:
         nr = w.smin(str(cfg.nr), w.op("sub", nc, jr))
         col = w.op("add", jc, jr)
-        bp = w.gep("%bpack", w.op("mul", jr, kc))
-        col_args = "".join(f", ptr {w.gep(f'%col{i}', col)}" for i in range(n_cols))
+        gcol = w.op("add", "%col0", col)
+        bp = w.gep(bbase, w.op("mul", jr, pstride))
+        col_args = "".join(f", ptr {w.gep(f'%colop{i}', col)}" for i in range(n_cols))
         with w.loop("0", mc, cfg.mr, "ir") as ir:
             mr = w.smin(str(cfg.mr), w.op("sub", mc, ir))
             ap = w.gep("%apack", w.op("mul", ir, kc))
-            c = w.gep("%C", w.op("add", w.op("mul", w.op("add", ic, ir), "%ldc"), col))
+            row = w.op("add", ic, ir)
+            c = w.gep("%C", w.op("add", w.op("mul", row, "%ldc"), col))
             w.emit(f"call void @{ukernel}(i64 {kc}, ptr {ap}, ptr {bp}, ptr {c}, i64 %ldc, "
-                   f"i64 {mr}, i64 {nr}, i1 {first}, i1 {last}, float %alpha, float %beta"
-                   f"{col_args})")
+                   f"i64 {mr}, i64 {nr}, i1 {first}, i1 {last}, float %alpha, float %beta, "
+                   f"i64 {w.op('add', '%row0', row)}, i64 {gcol}, ptr %epi_args{col_args})")
+
+
+JOBS_ARGS = ("i64 %njobs, ptr %jobs, i64 %rsa, i64 %csa, i64 %rsb, i64 %csb, i64 %ldc, "
+             "float %alpha, float %beta, ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args")
+
+
+def render_jobs(name: str, driver: str, n_cols: int) -> str:
+    """`name(JOBS_ARGS)`: the driver on each of `njobs` records (JOB_FIELDS + column operand
+    pointers, i64 words) with shared strides: one native call runs a thread's share of a batched
+    or grouped GEMM, instead of one Python call per matrix."""
+    width = len(JOB_FIELDS) + n_cols
+    w = FunctionWriter(f"void @{name}({JOBS_ARGS})")
+    with w.loop("0", "%njobs", 1, "job") as job:
+        rec = w.gep("%jobs", w.op("mul", job, str(width)), "i64")
+        words = [w.load("i64", w.gep(rec, str(i), "i64"), 8) for i in range(width)]
+        m, n, k, a, b, c, row0, col0 = words[:len(JOB_FIELDS)]
+        a, b, c, *cols = (w.value(f"inttoptr i64 {x} to ptr")
+                          for x in [a, b, c, *words[len(JOB_FIELDS):]])
+        w.emit(f"call void @{driver}(i64 {m}, i64 {n}, i64 {k}, ptr {a}, i64 %rsa, i64 %csa, "
+               f"ptr {b}, i64 %rsb, i64 %csb, ptr {c}, i64 %ldc, float %alpha, float %beta, "
+               f"ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, i64 {row0}, i64 {col0}"
+               + "".join(f", ptr {p}" for p in cols) + ")")
+    return w.text()
+
+
+# A pool worker's native task: `void @task(ptr %args, ptr %scratch)`, args = i64 words
+# (TASK_FIELDS; alpha and beta as the bits of a double), scratch = the worker's own memory
+# (>= task_scratch_bytes), holding its packed panels. It runs without the GIL (threads.py).
+TASK_FIELDS = ("njobs", "jobs", "rsa", "csa", "rsb", "csb", "ldc", "alpha", "beta", "b_packed",
+               "epi_args")
+
+
+def task_scratch_bytes(cfg: GemmConfig) -> int:
+    """Packed A then packed B, the B block 64-byte aligned."""
+    return _a_pack_bytes(cfg) + 4 * cfg.kc * cfg.nc
+
+
+def _a_pack_bytes(cfg: GemmConfig) -> int:
+    return -(-4 * cfg.mc * cfg.kc // PTR_ALIGN) * PTR_ALIGN
+
+
+def render_task(cfg: GemmConfig, name: str, jobs: str) -> str:
+    """`name(args, scratch)`: the jobs entry with its arguments read from memory."""
+    w = FunctionWriter(f"void @{name}(ptr %args, ptr align {PTR_ALIGN} %scratch)")
+    words = {f: w.load("i64", w.gep("%args", str(i), "i64"), 8) for i, f in enumerate(TASK_FIELDS)}
+    scalars = {f: w.value(f"fptrunc double {w.value(f'bitcast i64 {words[f]} to double')} to "
+                          f"float") for f in ("alpha", "beta")}
+    ptrs = {f: w.value(f"inttoptr i64 {words[f]} to ptr") for f in ("jobs", "epi_args")}
+    bpack = w.gep("%scratch", str(_a_pack_bytes(cfg)), "i8")
+    w.emit(f"call void @{jobs}(i64 {words['njobs']}, ptr {ptrs['jobs']}, i64 {words['rsa']}, "
+           f"i64 {words['csa']}, i64 {words['rsb']}, i64 {words['csb']}, i64 {words['ldc']}, "
+           f"float {scalars['alpha']}, float {scalars['beta']}, ptr %scratch, ptr {bpack}, "
+           f"i64 {words['b_packed']}, ptr {ptrs['epi_args']})")
+    return w.text()
 
 
 INTRINSICS = """declare i64 @llvm.smin.i64(i64, i64)
+declare i64 @llvm.smax.i64(i64, i64)
+declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 declare <{vl} x float> @llvm.fma.v{vl}f32(<{vl} x float>, <{vl} x float>, <{vl} x float>)
 """
 
 
-def render_gemm_module(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = ()) -> tuple[str, str]:
-    """(entry function name, LLVM IR text) of a complete GEMM module for this config/epilogue."""
+def _link_text(parts: list[str]) -> str:
+    """Join IR texts keeping the first `declare` of each function: a tile epilogue's text may
+    declare intrinsics the GEMM declares too, and LLVM rejects a second declaration."""
+    seen: set[str] = set()
+    lines = []
+    for line in "\n".join(parts).splitlines():
+        declared = re.match(r"\s*declare\b[^@]*@([-\w$.]+)\s*\(", line)
+        if declared:
+            if declared.group(1) in seen:
+                continue
+            seen.add(declared.group(1))
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def module_names(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = (),
+                 tile_epilogue: TileEpilogue | None = None) -> dict[str, str]:
+    """The functions of one GEMM module; exported ones are unique per (config, epilogues)."""
     suffix = cfg.tag + "".join("_" + op.tag for op in epilogue)
+    if tile_epilogue is not None:
+        suffix += "_" + tile_epilogue.tag
     names = {k: f"lmc_gemm_{k}_{suffix}" for k in ("pack_a", "pack_b", "ukernel")}
-    entry = f"lmc_sgemm_{suffix}"
-    parts = [f"; lmc fp32 GEMM {cfg}, epilogue {[op.tag for op in epilogue]}",
+    return names | {"entry": f"lmc_sgemm_{suffix}", "jobs": f"lmc_sgemm_jobs_{suffix}",
+                    "task": f"lmc_sgemm_task_{suffix}"}
+
+
+def render_gemm_module(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = (),
+                       tile_epilogue: TileEpilogue | None = None) -> tuple[str, str]:
+    """(entry function name, LLVM IR text) of a complete GEMM module for this config/epilogue."""
+    names = module_names(cfg, epilogue, tile_epilogue)
+    n_cols = _n_column_operands(epilogue)
+    parts = [f"; lmc fp32 GEMM {cfg}, epilogue {[op.tag for op in epilogue]}, tile epilogue "
+             f"{tile_epilogue.name if tile_epilogue else None}",
              INTRINSICS.format(vl=cfg.vl),
              render_pack_a(cfg, names["pack_a"]), render_pack_b(cfg, names["pack_b"]),
-             render_microkernel(cfg, names["ukernel"], epilogue),
-             render_driver(cfg, entry, names, _n_column_operands(epilogue))]
-    return entry, "\n".join(parts)
+             render_microkernel(cfg, names["ukernel"], epilogue, tile_epilogue),
+             render_driver(cfg, names["entry"], names, n_cols),
+             render_jobs(names["jobs"], names["entry"], n_cols),
+             render_task(cfg, names["task"], names["jobs"])]
+    if tile_epilogue is not None:
+        parts.append(tile_epilogue.llvm_ir)
+    return names["entry"], _link_text(parts)
 
 
 # -- compiled kernel --
+
+_I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_DRIVER_TYPES = [_I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _F32, _F32,
+                 _PTR, _PTR, _I64, _PTR, _I64, _I64]
+_JOBS_TYPES = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _PTR, _PTR, _I64, _PTR]
 
 
 @dataclass
@@ -338,17 +587,30 @@ class GemmKernel:
 
     config: GemmConfig
     epilogue: tuple[EpilogueOp, ...]
+    tile_epilogue: TileEpilogue | None
     entry: str
     llvm_ir: str
     fn: object = field(repr=False)
+    jobs_fn: object = field(repr=False)
+    pack_b_fn: object = field(repr=False)
+    task_address: int = 0  # the native task entry (TASK_FIELDS), for pool workers
 
     @property
     def n_column_operands(self) -> int:
         return _n_column_operands(self.epilogue)
 
     def __call__(self, m, n, k, a, rsa, csa, b, rsb, csb, c, ldc, alpha, beta, apack, bpack,
-                 *cols) -> None:
-        self.fn(m, n, k, a, rsa, csa, b, rsb, csb, c, ldc, alpha, beta, apack, bpack, *cols)
+                 *cols, b_packed: bool = False, epi_args: int = 0, row0: int = 0,
+                 col0: int = 0) -> None:
+        self.fn(m, n, k, a, rsa, csa, b, rsb, csb, c, ldc, alpha, beta, apack, bpack,
+                int(b_packed), epi_args, row0, col0, *cols)
+
+    def run_jobs(self, njobs: int, jobs: int, a_strides: tuple[int, int],
+                 b_strides: tuple[int, int], ldc: int, alpha: float, beta: float, apack: int,
+                 bpack: int, b_packed: bool, epi_args: int) -> None:
+        """The driver on `njobs` records (JOB_FIELDS + column operands) at address `jobs`."""
+        self.jobs_fn(njobs, jobs, *a_strides, *b_strides, ldc, alpha, beta, apack, bpack,
+                     int(b_packed), epi_args)
 
 
 _kernels: dict[tuple, GemmKernel] = {}
@@ -356,18 +618,27 @@ _kernels_lock = threading.Lock()
 
 
 def compile_gemm(cfg: GemmConfig | None = None, epilogue: tuple[EpilogueOp, ...] = (),
-                 target: HostTarget | None = None) -> GemmKernel:
-    """The GEMM kernel for (config, epilogue, target), compiled once per process (~0.5 s)."""
+                 target: HostTarget | None = None,
+                 tile_epilogue: TileEpilogue | None = None) -> GemmKernel:
+    """The GEMM kernel for (config, epilogues, target), compiled once per process (~0.5 s)."""
+    requested = (cfg, epilogue, target, tile_epilogue)
+    kernel = _kernels.get(requested)  # the per-call path: one dict lookup, no lock
+    if kernel is not None:
+        return kernel
     engine = default_engine(target)
     cfg = cfg or default_config(engine.target)
-    key = (cfg, epilogue, target)
+    key = (cfg, epilogue, target, tile_epilogue)
     with _kernels_lock:
         if key not in _kernels:
-            entry, text = render_gemm_module(cfg, epilogue)
+            entry, text = render_gemm_module(cfg, epilogue, tile_epilogue)
+            names = module_names(cfg, epilogue, tile_epilogue)
             module = engine.add_ir(entry, text)
-            i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-            argtypes = [i64, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, i64, f32, f32, ptr,
-                        ptr] + [ptr] * _n_column_operands(epilogue)
-            fn = module.function(entry, None, *argtypes)
-            _kernels[key] = GemmKernel(cfg, epilogue, entry, text, fn)
+            cols = [_PTR] * _n_column_operands(epilogue)
+            _kernels[key] = GemmKernel(
+                cfg, epilogue, tile_epilogue, entry, text,
+                module.function(entry, None, *_DRIVER_TYPES, *cols),
+                module.function(names["jobs"], None, *_JOBS_TYPES),
+                module.function(names["pack_b"], None, _PTR, _I64, _I64, _I64, _I64, _PTR),
+                engine.function_address(names["task"]))
+        _kernels[requested] = _kernels[key]
         return _kernels[key]

@@ -1,20 +1,34 @@
-"""Multi-core GEMM: a persistent thread pool; each thread runs the JIT kernel on its own block of
-C with its own packed-panel buffers. The kernel is a ctypes CFUNCTYPE, which releases the GIL, so
-the Python threads really run in parallel.
+"""Multi-core GEMM launchers: 2-D (`sgemm`), grouped for mixture-of-experts (`grouped_sgemm`),
+batched (`batched_sgemm`), and `prepack_b` for constant weights.
+
+A persistent pool runs one thread pinned per core; each thread gets a list of job records (a
+block of C of one matrix each, see gemm.JOB_FIELDS) and runs them with one native call, with its
+own packed-panel buffers. The kernel is a ctypes CFUNCTYPE, which releases the GIL, so the Python
+threads really run in parallel.
 """
 from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import threading
-from concurrent.futures import Future
+import time
+from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
 from lmc.errors import ShapeError
 
-from .gemm import ColumnBias, EpilogueOp, GemmConfig, GemmKernel, compile_gemm
+from .gemm import (
+    TASK_FIELDS,
+    ColumnBias,
+    EpilogueOp,
+    GemmConfig,
+    GemmKernel,
+    TileEpilogue,
+    compile_gemm,
+    task_scratch_bytes,
+)
 from .jit import HostTarget
 
 # Waking a worker on the other core costs ~10-100 us on this VM, and the second core starts with
@@ -40,41 +54,291 @@ def _current_cpu() -> int:
     return _sched_getcpu() if _sched_getcpu else -1
 
 
+# Control block of one worker, i64 words; `done` and `waiting` sit on cache lines of their own.
+POSTED, SEEN, FN, ARG, SCRATCH, DONE, WAITING, CTL_WORDS = 0, 1, 2, 3, 4, 8, 16, 24
+# Spin budgets: a worker keeps polling this long after a job before it sleeps (a model's next
+# kernel usually comes sooner), the caller this long for a worker's share before it sleeps.
+SERVE_SPIN_US, WAIT_SPIN_US = 200, 300
+
+_POOL_IR = """
+define void @lmc_pool_post(ptr %ctl, i64 %fn, i64 %arg, i64 %scratch, i64 %seq) {
+  %fnp = getelementptr i64, ptr %ctl, i64 2
+  store i64 %fn, ptr %fnp, align 8
+  %argp = getelementptr i64, ptr %ctl, i64 3
+  store i64 %arg, ptr %argp, align 8
+  %scp = getelementptr i64, ptr %ctl, i64 4
+  store i64 %scratch, ptr %scp, align 8
+  store atomic i64 %seq, ptr %ctl release, align 8
+  ret void
+}
+
+; 0: nothing posted within `spins` polls; 1: a Python job is posted; 2: a native job finished
+; and the caller sleeps waiting for it. Native jobs run here, in a loop, without the GIL.
+define i64 @lmc_pool_serve(ptr %ctl, i64 %spins) {
+entry:
+  %seenp = getelementptr i64, ptr %ctl, i64 1
+  %donep = getelementptr i64, ptr %ctl, i64 8
+  %waitp = getelementptr i64, ptr %ctl, i64 16
+  br label %idle
+idle:
+  %seen = load i64, ptr %seenp, align 8
+  br label %spin
+spin:
+  %i = phi i64 [ 0, %idle ], [ %i.next, %pause ]
+  %posted = load atomic i64, ptr %ctl acquire, align 8
+  %new = icmp ne i64 %posted, %seen
+  br i1 %new, label %take, label %pause
+pause:
+  PAUSE
+  %i.next = add i64 %i, 1
+  %more = icmp slt i64 %i.next, %spins
+  br i1 %more, label %spin, label %timeout
+timeout:
+  ret i64 0
+take:
+  store i64 %posted, ptr %seenp, align 8
+  %fnp = getelementptr i64, ptr %ctl, i64 2
+  %fn = load i64, ptr %fnp, align 8
+  %python = icmp eq i64 %fn, 0
+  br i1 %python, label %to.python, label %native
+to.python:
+  ret i64 1
+native:
+  %argp = getelementptr i64, ptr %ctl, i64 3
+  %arg = load i64, ptr %argp, align 8
+  %scp = getelementptr i64, ptr %ctl, i64 4
+  %sc = load i64, ptr %scp, align 8
+  %f = inttoptr i64 %fn to ptr
+  %a = inttoptr i64 %arg to ptr
+  %s = inttoptr i64 %sc to ptr
+  call void %f(ptr %a, ptr %s)
+  store atomic i64 %posted, ptr %donep seq_cst, align 8
+  %waiting = load atomic i64, ptr %waitp seq_cst, align 8
+  %wake = icmp ne i64 %waiting, 0
+  br i1 %wake, label %to.wake, label %idle
+to.wake:
+  ret i64 2
+}
+
+; A range task: block = [fn, start, end, args] for a kernel fn(start, end, args, scratch) (the
+; loops.py ABI).
+define void @lmc_pool_range(ptr %block, ptr %scratch) {
+  %fn.w = load i64, ptr %block, align 8
+  %start.p = getelementptr i64, ptr %block, i64 1
+  %start = load i64, ptr %start.p, align 8
+  %end.p = getelementptr i64, ptr %block, i64 2
+  %end = load i64, ptr %end.p, align 8
+  %args.p = getelementptr i64, ptr %block, i64 3
+  %args.w = load i64, ptr %args.p, align 8
+  %fn = inttoptr i64 %fn.w to ptr
+  %args = inttoptr i64 %args.w to ptr
+  call void %fn(i64 %start, i64 %end, ptr %args, ptr %scratch)
+  ret void
+}
+
+; Publish a Python job's end; nonzero when the caller sleeps waiting for it.
+define i64 @lmc_pool_finish(ptr %ctl, i64 %seq) {
+  %donep = getelementptr i64, ptr %ctl, i64 8
+  store atomic i64 %seq, ptr %donep seq_cst, align 8
+  %waitp = getelementptr i64, ptr %ctl, i64 16
+  %waiting = load atomic i64, ptr %waitp seq_cst, align 8
+  ret i64 %waiting
+}
+
+; 1 once done >= target; 0 after `spins` polls, with the waiting flag raised (seq_cst, so the
+; worker's finish cannot miss it): the caller then sleeps until the worker wakes it.
+define i64 @lmc_pool_wait(ptr %ctl, i64 %target, i64 %spins) {
+entry:
+  %donep = getelementptr i64, ptr %ctl, i64 8
+  %waitp = getelementptr i64, ptr %ctl, i64 16
+  br label %spin
+spin:
+  %i = phi i64 [ 0, %entry ], [ %i.next, %pause ]
+  %d = load atomic i64, ptr %donep acquire, align 8
+  %ok = icmp sge i64 %d, %target
+  br i1 %ok, label %done, label %pause
+pause:
+  PAUSE
+  %i.next = add i64 %i, 1
+  %more = icmp slt i64 %i.next, %spins
+  br i1 %more, label %spin, label %timeout
+timeout:
+  store atomic i64 1, ptr %waitp seq_cst, align 8
+  %d2 = load atomic i64, ptr %donep seq_cst, align 8
+  %ok2 = icmp sge i64 %d2, %target
+  br i1 %ok2, label %late, label %block
+late:
+  store atomic i64 0, ptr %waitp seq_cst, align 8
+  ret i64 1
+block:
+  ret i64 0
+done:
+  ret i64 1
+}
+"""
+
+
+class _Primitives:
+    """The pool's native spin/handoff functions (ctypes calls release the GIL) and how many
+    polls make a microsecond on this machine (measured once)."""
+
+    def __init__(self) -> None:
+        import llvmlite.binding as llvm
+
+        from .jit import default_engine
+        x86 = llvm.get_process_triple().startswith(("x86_64", "i686"))
+        pause = "call void @llvm.x86.sse2.pause()" if x86 else "fence seq_cst"
+        decl = "declare void @llvm.x86.sse2.pause()\n" if x86 else ""
+        module = default_engine().add_ir("lmc_pool", decl + _POOL_IR.replace("PAUSE", pause))
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self.post = module.function("lmc_pool_post", None, ptr, i64, i64, i64, i64)
+        self.serve = module.function("lmc_pool_serve", i64, ptr, i64)
+        self.finish = module.function("lmc_pool_finish", i64, ptr, i64)
+        self.wait = module.function("lmc_pool_wait", i64, ptr, i64, i64)
+        self.range_address = module.engine.function_address("lmc_pool_range")
+        probe = _aligned_words(CTL_WORDS)
+        start, spins = time.perf_counter(), 20000
+        self.wait(probe.ctypes.data, 1, spins)  # never done: exactly `spins` polls
+        self.polls_per_us = max(1.0, spins / ((time.perf_counter() - start) * 1e6))
+
+
+@dataclass(frozen=True)
+class NativeTask:
+    """A pool job a worker runs natively, without the GIL: `fn(arg, scratch)` with `scratch`
+    that worker's own memory of >= scratch_bytes; `keep` holds what `arg` points into."""
+
+    fn: int
+    arg: int
+    scratch_bytes: int
+    keep: object = field(default=None, repr=False)
+
+    def __call__(self) -> None:
+        """Run here instead (a nested or concurrent pool call), with this thread's scratch."""
+        scratch = _thread_scratch(self.scratch_bytes)
+        ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(self.fn)(self.arg, scratch)
+
+
+def range_task(fn: int, start: int, end: int, args: int, scratch_bytes: int = 0,
+               keep: object = None) -> NativeTask:
+    """A NativeTask running kernel `fn(start, end, args, scratch)` (the loops.py ABI) natively
+    on a worker: no GIL hand-off between the caller and the worker."""
+    block = np.array([fn, start, end, args], np.int64)
+    return NativeTask(pool().prims.range_address, block.ctypes.data, scratch_bytes,
+                      (block, keep))
+
+
+class _Worker:
+    """One thread pinned to a core, fed through its control block: it polls for a while after
+    each job (a handoff then costs ~1 us instead of a ~10-400 us futex wake-up on this VM) and
+    sleeps on a semaphore when nothing comes."""
+
+    def __init__(self, cpu: int, prims: _Primitives) -> None:
+        self.cpu, self.prims = cpu, prims
+        self.ctl = _aligned_words(CTL_WORDS)
+        self.addr = self.ctl.ctypes.data
+        self.seq, self.job, self.error, self.keep = 0, None, None, None
+        self.scratch = _aligned(0)
+        self.sleeping = False
+        self.wake, self.finished = threading.Semaphore(0), threading.Semaphore(0)
+        threading.Thread(target=self._serve, daemon=True, name=f"lmc-cpu{cpu}").start()
+
+    def post(self, job) -> None:
+        self.seq += 1
+        if isinstance(job, NativeTask):
+            if self.scratch.nbytes < job.scratch_bytes:  # the worker is idle: safe to swap
+                self.scratch = _aligned(-(-job.scratch_bytes // F32))
+            self.job, self.keep = None, job
+            self.prims.post(self.addr, job.fn, job.arg, self.scratch.ctypes.data, self.seq)
+        else:
+            self.job = job
+            self.prims.post(self.addr, 0, 0, 0, self.seq)
+        if self.sleeping:
+            self.wake.release()
+
+    def wait(self) -> BaseException | None:
+        """Block until the posted job is done; its exception, if any."""
+        spins = int(WAIT_SPIN_US * self.prims.polls_per_us)
+        if not self.prims.wait(self.addr, self.seq, spins):
+            while self.ctl[DONE] < self.seq:
+                self.finished.acquire()
+            self.ctl[WAITING] = 0
+        error, self.error, self.keep = self.error, None, None
+        return error
+
+    def _serve(self) -> None:
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {self.cpu})
+        spins = int(SERVE_SPIN_US * self.prims.polls_per_us)
+        while True:
+            status = self.prims.serve(self.addr, spins)
+            if status == 1:
+                try:
+                    self.job()
+                except BaseException as exc:
+                    self.error = exc
+                self.job = None
+                if self.prims.finish(self.addr, int(self.ctl[SEEN])):
+                    self.finished.release()
+            elif status == 2:
+                self.finished.release()
+            else:  # idle: sleep; `post` checks `sleeping` after publishing, under the GIL
+                self.sleeping = True
+                if self.ctl[POSTED] == self.ctl[SEEN]:
+                    self.wake.acquire()
+                self.sleeping = False
+
+
 class CorePool:
-    """One worker thread pinned to each core, each with its own queue. The caller runs the first
-    job itself and hands the others to workers on *other* cores: an unpinned worker woken by the
-    caller lands on the caller's core (wake-affine) and time-slices with it for the ~100 us the
-    scheduler takes to migrate it, and a shared queue let one worker take both jobs."""
+    """One worker thread pinned to each core. The caller runs the first job itself and hands
+    the others to workers on *other* cores: an unpinned worker woken by the caller lands on the
+    caller's core (wake-affine) and time-slices with it for the ~100 us the scheduler takes to
+    migrate it. One call at a time: a concurrent or nested call runs its jobs inline."""
 
     def __init__(self) -> None:
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-        self._queues = [queue.SimpleQueue() for _ in self.cpus]
-        for cpu, jobs in zip(self.cpus, self._queues):
-            threading.Thread(target=self._serve, args=(cpu, jobs), daemon=True,
-                             name=f"lmc-cpu{cpu}").start()
-
-    @staticmethod
-    def _serve(cpu: int, jobs: queue.SimpleQueue) -> None:
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {cpu})
-        while True:
-            fn, future = jobs.get()
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
+        self.prims = _Primitives()
+        self.workers = [_Worker(cpu, self.prims) for cpu in self.cpus]
+        self._busy = threading.Lock()
 
     def run(self, jobs: list) -> None:
-        """Run the callables in `jobs` in parallel (the first in this thread); re-raise errors."""
-        here = _current_cpu()
-        others = [q for cpu, q in zip(self.cpus, self._queues) if cpu != here] or self._queues
-        futures = []
-        for i, fn in enumerate(jobs[1:]):
-            futures.append(Future())
-            others[i % len(others)].put((fn, futures[-1]))
-        jobs[0]()
-        for future in futures:
-            future.result()
+        """Run `jobs` (callables, or NativeTasks) in parallel, the first in this thread;
+        re-raise the first error."""
+        if len(jobs) == 1 or not self._busy.acquire(blocking=False):
+            for job in jobs:
+                job()
+            return
+        try:
+            here = _current_cpu()
+            others = [w for w in self.workers if w.cpu != here] or self.workers
+            posted = others[:len(jobs) - 1]
+            for worker, job in zip(posted, jobs[1:]):
+                worker.post(job)
+            errors = []
+            for job in [jobs[0], *jobs[1 + len(posted):]]:
+                try:
+                    job()
+                except BaseException as exc:
+                    errors.append(exc)
+            errors += [e for e in (w.wait() for w in posted) if e is not None]
+        finally:
+            self._busy.release()
+        if errors:
+            raise errors[0]
+
+
+def _aligned_words(n: int) -> np.ndarray:
+    """n zeroed int64 words, 64-byte aligned (a control block's cache lines)."""
+    words = _aligned(2 * n).view(np.int64)
+    words[:] = 0
+    return words
+
+
+def _thread_scratch(nbytes: int) -> int:
+    """This thread's scratch memory of >= nbytes (kept and grown), as an address."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _local.scratch = _aligned(-(-nbytes // F32))
+    return buf.ctypes.data
 
 
 _pool: CorePool | None = None
@@ -107,26 +371,130 @@ def _aligned(n: int, align: int = 64) -> np.ndarray:
 
 def pack_buffers(cfg: GemmConfig) -> tuple[np.ndarray, np.ndarray]:
     """This thread's packed A (MC x KC) and B (KC x NC) buffers; allocated once per config."""
+    return _thread_buffers(cfg)[0]
+
+
+def _thread_buffers(cfg: GemmConfig) -> tuple[tuple[np.ndarray, np.ndarray], tuple[int, int]]:
+    """(buffers, their addresses): `.ctypes.data` costs ~2 us, so the addresses are kept."""
     cache = getattr(_local, "buffers", None)
     if cache is None:
         cache = _local.buffers = {}
     if cfg not in cache:
-        cache[cfg] = (_aligned(cfg.mc * cfg.kc), _aligned(cfg.kc * cfg.nc))
+        buffers = (_aligned(cfg.mc * cfg.kc), _aligned(cfg.kc * cfg.nc))
+        cache[cfg] = buffers, tuple(b.ctypes.data for b in buffers)
     return cache[cfg]
 
 
 def partition(m: int, n: int, k: int, cfg: GemmConfig, threads: int) -> list[tuple[int, ...]]:
-    """Blocks (m0, m1, n0, n1) of C, one per thread. Splitting N duplicates the packing of A in
-    every thread and splitting M that of B, so split the dimension that duplicates less."""
-    threads = max(1, min(threads, (m * n * k) // (MIN_MACS_PER_THREAD_PER_LANE * cfg.vl)))
+    """Blocks (m0, m1, n0, n1) of C, one per thread, as many threads as the work pays for."""
+    return split_block(m, n, cfg, _useful_threads(m * n * k, cfg, threads))
+
+
+def _useful_threads(macs: int, cfg: GemmConfig, threads: int) -> int:
+    return max(1, min(threads, macs // (MIN_MACS_PER_THREAD_PER_LANE * cfg.vl)))
+
+
+def split_block(m: int, n: int, cfg: GemmConfig, threads: int) -> list[tuple[int, ...]]:
+    """C split into <= `threads` blocks (m0, m1, n0, n1) on tile boundaries. Splitting N
+    duplicates the packing of A in every thread and splitting M that of B, so split the
+    dimension that duplicates less."""
     split_n = n >= m
     size, step = (n, cfg.nr) if split_n else (m, cfg.mr)
     tiles = -(-size // step)
-    threads = min(threads, tiles)
+    threads = max(1, min(threads, tiles))
     bounds = [min(size, (tiles * t // threads) * step) for t in range(threads + 1)]
     if split_n:
         return [(0, m, bounds[t], bounds[t + 1]) for t in range(threads)]
     return [(bounds[t], bounds[t + 1], 0, n) for t in range(threads)]
+
+
+def schedule(sizes: list[tuple[int, int, int]], cfg: GemmConfig, threads: int,
+             uniform: bool = False) -> list[list[tuple[int, tuple[int, ...]]]]:
+    """Per thread, the (matrix index, block of its C) to run, for several GEMMs of (m, n, k).
+    Equal matrices (`uniform`, a batch) go whole, in contiguous runs, to the threads, and only
+    the remainder is split; unequal ones (experts) are each split across all threads, so both
+    cores stay busy however the rows fall (an expert's B is packed once in total either way)."""
+    threads = _useful_threads(sum(m * n * k for m, n, k in sizes), cfg, threads)
+    plan: list[list[tuple[int, tuple[int, ...]]]] = [[] for _ in range(threads)]
+    whole = len(sizes) - len(sizes) % threads if uniform else 0
+    for i in range(whole):
+        m, n, _ = sizes[i]
+        plan[i * threads // whole].append((i, (0, m, 0, n)))
+    for i in range(whole, len(sizes)):
+        m, n, _ = sizes[i]
+        for t, block in enumerate(split_block(m, n, cfg, threads)):
+            plan[t].append((i, block))
+    return plan
+
+
+# -- one GEMM call's operands, as the native job records see them --
+
+
+@dataclass(frozen=True)
+class PackedB:
+    """B packed once into the kernel's NR-column panels, full K deep, for `config`: weights are
+    constant, so the runtime packs them at load and each call skips the packing (which costs as
+    much as the multiply at small M). `data` is [*batch, panels * K * NR] (experts: batch = E)."""
+
+    data: np.ndarray = field(repr=False)
+    k: int
+    n: int
+    config: GemmConfig
+
+    @property
+    def batch(self) -> tuple[int, ...]:
+        return self.data.shape[:-1]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Element strides shared by every matrix of a launch, and how B is given."""
+
+    a_strides: tuple[int, int]
+    b_strides: tuple[int, int]  # (row, col) of B [K, N]; unused when b_packed
+    ldc: int
+    b_packed: bool
+
+    def job(self, block: tuple[int, ...], k: int, ptrs: tuple[int, int, int],
+            origin: tuple[int, int], cols: list[int]) -> list[int]:
+        """The record (JOB_FIELDS + column operands) of C block (m0, m1, n0, n1) of one matrix
+        with base addresses `ptrs` (A, B, C) at global (row, col) `origin`."""
+        m0, m1, n0, n1 = block
+        pa, pb, pc = ptrs
+        b_off = n0 * k if self.b_packed else n0 * self.b_strides[1]
+        return [m1 - m0, n1 - n0, k, pa + F32 * m0 * self.a_strides[0], pb + F32 * b_off,
+                pc + F32 * (m0 * self.ldc + n0), origin[0] + m0, origin[1] + n0,
+                *(p + F32 * n0 for p in cols)]
+
+
+def _elements(strides: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(s // F32 for s in strides)
+
+
+def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alpha: float,
+           beta: float, epi_args: int) -> None:
+    """Run each thread's job records with one native call, the first list in this thread."""
+    def work(records: list[list[int]]) -> None:
+        jobs = np.array(records, np.int64)
+        _, (apack, bpack) = _thread_buffers(kernel.config)
+        kernel.run_jobs(len(records), jobs.ctypes.data, layout.a_strides, layout.b_strides,
+                        layout.ldc, alpha, beta, apack, bpack, layout.b_packed, epi_args)
+
+    def task(records: list[list[int]]) -> NativeTask:
+        """The same, for a worker to run natively (no Python, no GIL between the jobs)."""
+        jobs = np.array(records, np.int64)
+        args = np.array([len(records), jobs.ctypes.data, *layout.a_strides, *layout.b_strides,
+                         layout.ldc, 0, 0, int(layout.b_packed), epi_args], np.int64)
+        args[TASK_FIELDS.index("alpha"):TASK_FIELDS.index("beta") + 1].view(np.float64)[:] = \
+            (alpha, beta)
+        return NativeTask(kernel.task_address, args.ctypes.data,
+                          task_scratch_bytes(kernel.config), (jobs, args))
+
+    plan = [records for records in plan if records]
+    if len(plan) == 1:
+        work(plan[0])
+    elif plan:
+        pool().run([lambda: work(plan[0])] + [task(records) for records in plan[1:]])
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
@@ -137,40 +505,103 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def sgemm(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None, trans_b: bool = False,
-          bias: np.ndarray | None = None, alpha: float = 1.0, beta: float = 0.0,
-          epilogue: tuple[EpilogueOp, ...] = (), threads: int | None = None,
+def _address(args: int | np.ndarray | None) -> int:
+    """The tile epilogue's `args` pointer: an address, or an array holding the words."""
+    if isinstance(args, np.ndarray):
+        return args.ctypes.data
+    return int(args or 0)
+
+
+def _writable_out(out: np.ndarray | None, shape: tuple[int, ...], what: str) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32:
+        raise ShapeError(f"{what}: out must be float32 {shape}, got {out.dtype} {out.shape}")
+    return out
+
+
+def _unit_columns(out: np.ndarray) -> bool:
+    return out.strides[-1] == F32 and all(s % F32 == 0 for s in out.strides)
+
+
+def _via_contiguous(out: np.ndarray, beta: float, run) -> np.ndarray:
+    """An output with non-unit column stride: `run` computes into a contiguous temporary."""
+    tmp = np.ascontiguousarray(out) if beta != 0.0 else np.empty(out.shape, np.float32)
+    run(tmp)
+    out[...] = tmp
+    return out
+
+
+# -- 2-D GEMM --
+
+
+def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = None,
+          trans_b: bool = False, bias: np.ndarray | None = None, alpha: float = 1.0,
+          beta: float = 0.0, epilogue: tuple[EpilogueOp, ...] = (),
+          tile_epilogue: TileEpilogue | None = None, epi_args: int | np.ndarray = 0,
+          row0: int = 0, col0: int = 0, threads: int | None = None,
           config: GemmConfig | None = None, target: HostTarget | None = None) -> np.ndarray:
     """out = epilogue(alpha * a @ op(b) + beta * out + bias), fp32; op(b) = b.T if trans_b.
 
-    a: [M, K]; b: [K, N] (or [N, K] with trans_b, as torch Linear weights). Any strides. `beta`
-    only applies when `out` is given (beta=1 accumulates into it). `target` overrides the host
-    CPU (tests and benchmarks use it to run the AVX2 code path on an AVX-512 machine)."""
-    a, b = _as_f32(a), _as_f32(b)
-    if a.ndim != 2 or b.ndim != 2:
-        raise ShapeError(f"sgemm takes 2-D operands, got {a.shape} and {b.shape}")
+    a: [M, K]; b: [K, N] (or [N, K] with trans_b, as torch Linear weights) with any strides, or
+    a `PackedB`. `beta` only applies when `out` is given (beta=1 accumulates into it). A
+    `tile_epilogue` then runs on each finished tile, reading `epi_args`, at tile positions
+    offset by (row0, col0) (for a caller computing one block of a larger output). `target`
+    overrides the host CPU (tests and benchmarks use it to run the AVX2 code path here)."""
+    a = _as_f32(a)
+    if a.ndim != 2:
+        raise ShapeError(f"sgemm takes 2-D operands, got a {a.shape}")
     m, k = a.shape
-    n, kb = b.shape if trans_b else b.shape[::-1]
+    b, (kb, n), b_strides, config = _b_operand(b, trans_b, config)
     if kb != k:
-        raise ShapeError(f"sgemm: inner dimensions differ: a {a.shape}, b {b.shape}, "
-                         f"trans_b={trans_b}")
+        raise ShapeError(f"sgemm: inner dimensions differ: a {a.shape}, b {(kb, n)} (after "
+                         f"trans_b={trans_b})")
     if out is None:
         out, beta = np.empty((m, n), np.float32), 0.0
-    elif out.shape != (m, n) or out.dtype != np.float32:
-        raise ShapeError(f"sgemm: out must be float32 {(m, n)}, got {out.dtype} {out.shape}")
+    out = _writable_out(out, (m, n), "sgemm")
     cols = _column_operands(bias, n, epilogue)
-    if bias is not None:
-        epilogue = (ColumnBias(),) + tuple(epilogue)
     if m == 0 or n == 0:
         return out
-    if k == 0 or out.strides[1] != F32 or out.strides[0] % F32:
-        return _fallback(a, b, out, trans_b, bias, alpha, beta, epilogue,
-                         {"threads": threads, "config": config, "target": target})
-    kernel = compile_gemm(config, tuple(epilogue), target)
-    rsb, csb = b.strides[::-1] if trans_b else b.strides
-    run_blocks(kernel, a, (rsb // F32, csb // F32), b, out, cols, alpha, beta,
-               threads or cpu_threads())
+    if not _unit_columns(out):
+        return _via_contiguous(out, beta, lambda tmp: sgemm(
+            a, b, out=tmp, bias=bias, alpha=alpha, beta=beta, epilogue=epilogue,
+            tile_epilogue=tile_epilogue, epi_args=epi_args, row0=row0, col0=col0,
+            threads=threads, config=config, target=target))
+    if bias is not None:
+        epilogue = (ColumnBias(),) + tuple(epilogue)
+    kernel = compile_gemm(config, tuple(epilogue), target, tile_epilogue)
+    layout = _Layout(_elements(a.strides), b_strides, out.strides[0] // F32,
+                     isinstance(b, PackedB))
+    ptrs = (a.ctypes.data, _data(b).ctypes.data, out.ctypes.data)
+    pcols = [c.ctypes.data for c in cols]
+    plan = [[layout.job(block, k, ptrs, (row0, col0), pcols)]
+            for block in partition(m, n, k, kernel.config, threads or cpu_threads())]
+    launch(kernel, layout, plan, alpha, beta, _address(epi_args))
     return out
+
+
+def _b_operand(b, trans_b: bool, config: GemmConfig | None):
+    """(b, (K, N), element strides of B [K, N], config) for an array or a 2-D PackedB."""
+    if isinstance(b, PackedB):
+        if b.batch:
+            raise ShapeError(f"sgemm: B is a batch {b.batch} of packed matrices")
+        return b, (b.k, b.n), (0, 0), _packed_config(b, config)
+    b = _as_f32(b)
+    if b.ndim != 2:
+        raise ShapeError(f"sgemm takes 2-D operands, got b {b.shape}")
+    if trans_b:
+        b = b.T
+    return b, b.shape, _elements(b.strides), config
+
+
+def _packed_config(b: PackedB, config: GemmConfig | None) -> GemmConfig:
+    if config is not None and config != b.config:
+        raise ShapeError(f"B was packed for {b.config.tag}, not for {config.tag}")
+    return b.config
+
+
+def _data(b: np.ndarray | PackedB) -> np.ndarray:
+    return b.data if isinstance(b, PackedB) else b
 
 
 def _column_operands(bias, n: int, epilogue) -> list[np.ndarray]:
@@ -182,44 +613,160 @@ def _column_operands(bias, n: int, epilogue) -> list[np.ndarray]:
     return cols
 
 
-def run_blocks(kernel: GemmKernel, a: np.ndarray, b_strides: tuple[int, int], b: np.ndarray,
-               out: np.ndarray, cols: list[np.ndarray], alpha: float, beta: float,
-               threads: int) -> None:
-    """Run `kernel` on per-thread blocks of `out`, the first in the calling thread."""
-    (m, k), n = a.shape, out.shape[1]
-    rsa, csa = (s // F32 for s in a.strides)
-    rsb, csb = b_strides
-    ldc = out.strides[0] // F32
-    pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
-    pcols = [c.ctypes.data for c in cols]
+def prepack_b(b: np.ndarray, trans_b: bool = False, config: GemmConfig | None = None,
+              target: HostTarget | None = None) -> PackedB:
+    """B [K, N] ([N, K] with trans_b), or a stack [E, K, N] of expert weights, packed once into
+    the panels of `config`'s kernel (default: the target's) for `sgemm` / `grouped_sgemm`."""
+    b = _as_f32(b)
+    if b.ndim not in (2, 3):
+        raise ShapeError(f"prepack_b takes [K, N] or [E, K, N], got {b.shape}")
+    if trans_b:
+        b = np.swapaxes(b, -1, -2)
+    kernel = compile_gemm(config, (), target)
+    cfg = kernel.config
+    *batch, k, n = b.shape
+    panels = -(-n // cfg.nr) * cfg.nr * k
+    data = _aligned(int(np.prod(batch, dtype=np.int64)) * panels).reshape(*batch, panels)
+    rsb, csb = _elements(b.strides[-2:])
+    for index in np.ndindex(*batch):
+        kernel.pack_b_fn(b[index].ctypes.data, rsb, csb, k, n, data[index].ctypes.data)
+    return PackedB(data, k, n, cfg)
 
-    def work(block: tuple[int, ...]) -> None:
-        m0, m1, n0, n1 = block
-        apack, bpack = pack_buffers(kernel.config)
-        kernel(m1 - m0, n1 - n0, k, pa + F32 * m0 * rsa, rsa, csa, pb + F32 * n0 * csb, rsb, csb,
-               pc + F32 * (m0 * ldc + n0), ldc, alpha, beta, apack.ctypes.data,
-               bpack.ctypes.data, *(p + F32 * n0 for p in pcols))
 
-    blocks = partition(m, n, k, kernel.config, threads)
-    if len(blocks) == 1:
-        work(blocks[0])
+# -- grouped (mixture-of-experts) and batched GEMM --
+
+
+def grouped_sgemm(x: np.ndarray, w: np.ndarray | PackedB, offsets: np.ndarray, *,
+                  out: np.ndarray | None = None, tile_epilogue: TileEpilogue | None = None,
+                  epi_args: int | np.ndarray = 0, threads: int | None = None,
+                  target: HostTarget | None = None) -> np.ndarray:
+    """moe.grouped_matmul: x [M, d] rows sorted by expert, w [E, d, f] (any strides, or
+    prepacked), offsets [E+1]: out[lo:hi] = x[lo:hi] @ w[e] for lo, hi = offsets[e:e+2], then
+    the tile epilogue at global rows. Rows outside offsets[0]:offsets[E] are 0 (+ epilogue).
+    One native call per thread runs its share of every expert (`schedule`)."""
+    x = _as_f32(x)
+    if x.ndim != 2:
+        raise ShapeError(f"grouped_sgemm: x must be [M, d], got {x.shape}")
+    if isinstance(w, PackedB):
+        if len(w.batch) != 1:
+            raise ShapeError(f"grouped_sgemm: packed w must be a stack [E], got {w.batch}")
+        (n_experts,), d, f, config = w.batch, w.k, w.n, w.config
+        w_ptr, w_step, b_strides = w.data.ctypes.data, w.data.strides[0], (0, 0)
     else:
-        pool().run([lambda block=block: work(block) for block in blocks])
-
-
-def _fallback(a, b, out, trans_b, bias, alpha, beta, epilogue, options: dict) -> np.ndarray:
-    """K == 0 or an output with non-unit column stride: compute into a contiguous temporary."""
-    tmp = np.ascontiguousarray(out) if beta != 0.0 else np.zeros(out.shape, np.float32)
-    if a.shape[1] == 0:
-        tmp *= np.float32(beta)
-        if bias is not None:
-            tmp += bias
-        for op in epilogue:
-            if not isinstance(op, ColumnBias):
-                raise ShapeError(f"sgemm: K == 0 with epilogue {op.tag} is not supported")
-    else:
-        sgemm(a, b, out=tmp, trans_b=trans_b, bias=bias, alpha=alpha, beta=beta,
-              epilogue=tuple(op for op in epilogue if not isinstance(op, ColumnBias)),
-              **options)
-    out[...] = tmp
+        w = _as_f32(w)
+        if w.ndim != 3:
+            raise ShapeError(f"grouped_sgemm: w must be [E, d, f], got {w.shape}")
+        (n_experts, d, f), config = w.shape, None
+        w_ptr, w_step, b_strides = w.ctypes.data, w.strides[0], _elements(w.strides[1:])
+    m = x.shape[0]
+    if x.shape[1] != d:
+        raise ShapeError(f"grouped_sgemm: x {x.shape} does not fit w [{n_experts}, {d}, {f}]")
+    bounds = _expert_bounds(offsets, n_experts, m)
+    out = _writable_out(out, (m, f), "grouped_sgemm")
+    if m == 0 or f == 0:
+        return out
+    if not _unit_columns(out):
+        return _via_contiguous(out, 0.0, lambda tmp: grouped_sgemm(
+            x, w, offsets, out=tmp, tile_epilogue=tile_epilogue, epi_args=epi_args,
+            threads=threads, target=target))
+    kernel = compile_gemm(config, (), target, tile_epilogue)
+    layout = _Layout(_elements(x.strides), b_strides, out.strides[0] // F32,
+                     isinstance(w, PackedB))
+    # (rows, expert or None): uncovered rows run with K = 0, i.e. zeros through the epilogue.
+    pieces = [(lo, hi, e) for e, (lo, hi) in enumerate(pairwise(bounds)) if hi > lo]
+    pieces += [(0, bounds[0], None), (bounds[-1], m, None)]
+    pieces = [p for p in pieces if p[1] > p[0]]
+    sizes = [(hi - lo, f, 0 if e is None else d) for lo, hi, e in pieces]
+    plan = schedule(sizes, kernel.config, threads or cpu_threads())
+    records = [[layout.job(block, sizes[i][2], _piece_ptrs(x, out, pieces[i], w_ptr, w_step),
+                           (pieces[i][0], 0), []) for i, block in share] for share in plan]
+    launch(kernel, layout, records, 1.0, 0.0, _address(epi_args))
     return out
+
+
+def _expert_bounds(offsets, n_experts: int, m: int) -> list[int]:
+    """offsets as Python ints, checked: E+1 non-decreasing row offsets within [0, M]."""
+    offsets = np.asarray(offsets)
+    if offsets.shape != (n_experts + 1,) or offsets.dtype.kind not in "iu":
+        raise ShapeError(f"grouped_sgemm: offsets must be {n_experts + 1} integers, got "
+                         f"{offsets.dtype} {offsets.shape}")
+    bounds = [int(o) for o in offsets]
+    if bounds[0] < 0 or bounds[-1] > m or any(lo > hi for lo, hi in pairwise(bounds)):
+        raise ShapeError(f"grouped_sgemm: offsets must rise from >= 0 to <= {m} rows, got "
+                         f"{bounds}")
+    return bounds
+
+
+def _piece_ptrs(x: np.ndarray, out: np.ndarray, piece, w_ptr: int, w_step: int):
+    lo, _, e = piece
+    return (x.ctypes.data + lo * x.strides[0], w_ptr + (e or 0) * w_step,
+            out.ctypes.data + lo * out.strides[0])
+
+
+def batched_sgemm(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None,
+                  trans_b: bool = False, threads: int | None = None,
+                  target: HostTarget | None = None) -> np.ndarray:
+    """numpy.matmul (fp32) over broadcast leading batch dims, any strides; op(b) swaps b's last
+    two axes if trans_b. Folds the batch into M when B is shared and the layouts allow (one big
+    GEMM), else one native call per thread runs its share of the batch."""
+    a, b = _as_f32(a), _as_f32(b)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ShapeError(f"batched_sgemm: operands must have >= 1 dims, got {a.shape}, {b.shape}")
+    if trans_b and b.ndim >= 2:
+        b = np.swapaxes(b, -1, -2)
+    a2, b2 = (a[None] if a.ndim == 1 else a), (b[:, None] if b.ndim == 1 else b)
+    (m, k), (kb, n) = a2.shape[-2:], b2.shape[-2:]
+    try:
+        batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+    except ValueError:
+        batch = None
+    if kb != k or batch is None:
+        raise ShapeError(f"batched_sgemm: cannot multiply {a.shape} by {b.shape} "
+                         f"(trans_b={trans_b})")
+    shape = batch + (m, n)
+    squeeze = tuple(i for i, one_d in ((-2, a.ndim == 1), (-1, b.ndim == 1)) if one_d)
+    out = _writable_out(out, tuple(s for i, s in enumerate(shape) if i - len(shape)
+                                   not in squeeze), "batched_sgemm")
+    full = np.expand_dims(out, squeeze) if squeeze else out
+    if full.size == 0:
+        return out
+    if not _unit_columns(full):
+        return _via_contiguous(out, 0.0, lambda tmp: batched_sgemm(
+            a, b, out=tmp, threads=threads, target=target))
+    a2, b2 = np.broadcast_to(a2, batch + (m, k)), np.broadcast_to(b2, batch + (k, n))
+    if _fold(a2, b2, full, threads, target):
+        return out
+    kernel = compile_gemm(None, (), target)
+    layout = _Layout(_elements(a2.strides[-2:]), _elements(b2.strides[-2:]),
+                     full.strides[-2] // F32, False)
+    ptrs = [arr.ctypes.data + _batch_offsets(arr, batch) for arr in (a2, b2, full)]
+    plan = schedule([(m, n, k)] * len(ptrs[0]), kernel.config, threads or cpu_threads(),
+                    uniform=True)
+    records = [[layout.job(block, k, tuple(int(p[i]) for p in ptrs), (0, 0), [])
+                for i, block in share] for share in plan]
+    launch(kernel, layout, records, 1.0, 0.0, 0)
+    return out
+
+
+def _fold(a: np.ndarray, b: np.ndarray, out: np.ndarray, threads, target) -> bool:
+    """a [..., M, K] @ shared b as one [(...)*M, K] GEMM, when a and out collapse without a
+    copy and every batch stride of b is 0 (a broadcast weight). True when done."""
+    if any(s for s in b.strides[:-2]):
+        return False
+    try:
+        a2 = np.reshape(a, (-1, a.shape[-1]), copy=False)
+        out2 = np.reshape(out, (-1, out.shape[-1]), copy=False)
+    except ValueError:  # the layout needs a copy: run the batch instead
+        return False
+    sgemm(a2, b[(0,) * (b.ndim - 2)], out=out2, threads=threads, target=target)
+    return True
+
+
+def _batch_offsets(x: np.ndarray, batch: tuple[int, ...]) -> np.ndarray:
+    """Byte offset of each batch item of x (row-major over `batch`), as int64 [prod(batch)]."""
+    offsets = np.zeros(batch, np.int64)
+    for axis, (size, stride) in enumerate(zip(batch, x.strides)):
+        shape = [1] * len(batch)
+        shape[axis] = size
+        offsets = offsets + (np.arange(size, dtype=np.int64) * stride).reshape(shape)
+    return offsets.reshape(-1)

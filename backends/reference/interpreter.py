@@ -295,7 +295,8 @@ def _attention(op, env, q, k, v, mask=None):
     if mask is not None:
         s = np.where(mask, s, -np.inf) if mask.dtype == np.bool_ else s + mask
     p = _softmax(s, -1)
-    p = np.nan_to_num(p, nan=0.0)  # fully masked rows give zeros, not NaN
+    # Fully masked rows give zeros (torch gives NaN); a NaN in the inputs still propagates.
+    p = np.where(np.all(s == -np.inf, axis=-1, keepdims=True), 0, p)
     return np.matmul(p, v).astype(q.dtype)
 
 

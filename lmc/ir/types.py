@@ -161,6 +161,9 @@ def dim_floordiv(a: Dim, b: Dim) -> Dim:
 def dims_equal(a: Dim, b: Dim) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    if isinstance(a, int) or isinstance(b, int):
+        # A canonical expression that is a constant is an int already: no sympy needed.
+        return canon_dim(a) == canon_dim(b)
     return a == b or sympy.simplify(dim_expr(a) - dim_expr(b)) == 0
 
 

@@ -1,0 +1,249 @@
+"""Launchers: each `kernel.fused` kind (and a few plain data-movement ops) → a callable the
+runtime runs on numpy arrays. A kernel.fused the backend cannot compile (a dtype its GEMM or
+attention kernel lacks) returns None here and runs in the interpreter, visibly (`fallback`)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmc.ir.core import Block, Op, Region, Value
+from lmc.ir.ops import op_class
+from lmc.ir.rewriter import splat_value
+from lmc.ir.types import DType
+
+from .jit import HostTarget
+
+F32 = 4
+ANCHOR = {"matmul": "tensor.matmul", "grouped_matmul": "moe.grouped_matmul"}
+
+
+def build_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Callable | None:
+    """fn(inputs, outputs, env) running `op` natively into preallocated outputs, or None."""
+    kind = op.kind
+    if kind in ("elementwise", "reduction"):
+        from .loops import compile_loop_kernel
+        kernel = compile_loop_kernel(op, target)
+        return LoopLauncher(kernel, threads)
+    if not all(v.dtype is DType.f32 for v in op.operand_values if v.dtype.is_float):
+        return None  # fp32 GEMM/attention kernels only (bf16/f16 storage: loop kernels only)
+    if kind == "attention":
+        return AttentionLauncher(op.body.ops[0], target, threads)
+    if kind in ANCHOR:
+        return GemmLauncher(op, ANCHOR[kind], target, threads)
+    return None
+
+
+@dataclass
+class LoopLauncher:
+    kernel: object  # loops.LoopKernel
+    threads: int | None
+
+    def __call__(self, ins, outs, env) -> None:
+        self.kernel.run(ins, outs, threads=self.threads, env=env)
+
+    def llvm_modules(self) -> list[str]:
+        return [self.kernel.llvm_ir]
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+@dataclass
+class AttentionLauncher:
+    att: Op
+    target: HostTarget | None
+    threads: int | None
+
+    def llvm_modules(self) -> list[str]:
+        from .attention import compile_attention
+        mask = self.att.mask
+        kind = "none" if mask is None else "bool" if mask.dtype is DType.bool else "additive"
+        d, dv = self.att.q.shape[-1], self.att.v.shape[-1]
+        return [compile_attention(d, dv, kind, self.target).llvm_ir]
+
+    def __call__(self, ins, outs, env) -> None:
+        from .attention import attention
+        q, k, v, *mask = ins
+        attention(q, k, v, mask[0] if mask else None, causal=self.att.causal,
+                  scale=self.att.scale, out=outs[0], threads=self.threads, target=self.target)
+
+
+# ---- matmul and grouped matmul with epilogues ----------------------------------------------------
+
+@dataclass
+class _Split:
+    """A matmul kernel body taken apart: the prologue (LoRA branch GEMMs and the elementwise ops
+    on them, which do not depend on the anchor), the anchor GEMM, and its epilogue."""
+
+    anchor: Op
+    prologue: list[Op]
+    epilogue: list[Op]
+    inputs: list[Value]  # body values the epilogue reads, other than the anchor's result
+    alpha: dict[Op, float] = field(default_factory=dict)  # branch GEMM → its folded scale
+    alias: dict[Value, Value] = field(default_factory=dict)  # folded `g·c` → g's result
+
+
+def split_body(body: Block, anchor_name: str) -> _Split:
+    ops = [o for o in body.ops if o.name != "kernel.yield"]
+    args = set(body.args)
+    gemms = [o for o in ops if o.name == anchor_name]
+    anchors = [o for o in gemms if o.operand_values[0] in args and o.operand_values[1] in args
+               and not any(u.name == anchor_name for u in o.result.users)]
+    if len(anchors) != 1:
+        raise ValueError(f"a {anchor_name} kernel body needs one anchor, found {len(anchors)}")
+    anchor = anchors[0]
+    after = {anchor.result}
+    for o in ops:
+        if any(v in after for v in o.operand_values):
+            after.update(o.result_values)
+    epilogue = [o for o in ops if o.result_values[0] in after and o is not anchor]
+    used = {v for o in epilogue for v in o.operand_values}
+    epilogue = [o for o in ops if o.name == "tensor.constant" and o.result in used] + epilogue
+    prologue = [o for o in ops if o.result_values[0] not in after and o.name != "tensor.constant"]
+    made = {v for o in epilogue for v in o.result_values} | {anchor.result}
+    inputs = list(dict.fromkeys(v for o in epilogue for v in o.operand_values if v not in made))
+    split = _Split(anchor, prologue, epilogue, inputs)
+    _fold_scales(split)
+    return split
+
+
+def _fold_scales(split: _Split) -> None:
+    """`gemm(...) · c` in the prologue becomes the GEMM's alpha (the LoRA scale costs nothing)."""
+    for o in list(split.prologue):
+        if o.name != "tensor.mul" or o.lhs.op not in split.prologue:
+            continue
+        g, c = o.lhs.op, splat_value(o.rhs)
+        if g.name == "tensor.matmul" and c is not None and len(g.result.uses) == 1 and \
+                o.rhs.type.rank == 0:
+            split.alpha[g] = float(c)
+            split.prologue.remove(o)
+            split.alias[o.result] = g.result
+
+
+def _outlined(kind: str, arg_values: list[Value], ops: list[Op], result: Value) -> Op:
+    """A free-standing kernel.fused whose body clones `ops`, its args standing for
+    `arg_values`: the part of a fused body one kernel generator compiles."""
+    body = Block([v.type for v in arg_values])
+    mapping = dict(zip(arg_values, body.args))
+    for o in ops:
+        body.append(o.clone([mapping[v] for v in o.operand_values], mapping))
+    body.append(op_class("kernel.yield")([mapping[result]]))
+    free = Block([v.type for v in arg_values]).args  # operands outside any function
+    return op_class("kernel.fused")(free, {"kind": kind}, [result.type], [Region([body])])
+
+
+@dataclass
+class GemmLauncher:
+    """matmul / grouped matmul + epilogue. 2-D weights: one GEMM whose micro-kernel applies the
+    epilogue to each finished tile. Batched operands: a batched GEMM, then the epilogue as one
+    elementwise kernel in place. A LoRA branch runs first, its scale folded into its GEMM."""
+
+    op: Op
+    anchor_name: str
+    target: HostTarget | None
+    threads: int | None
+    split: _Split = field(init=False)
+
+    def __post_init__(self) -> None:
+        from .gemm import TileEpilogue
+        from .loops import compile_loop_kernel, render_tile_epilogue
+        self.split = s = split_body(self.op.body, self.anchor_name)
+        self.result = self.op.body.terminator.operand_values[0]
+        self.tile = self.in_place = None
+        self.modules: list[str] = []
+        if not s.epilogue:
+            return
+        a = s.anchor
+        if self._two_d():
+            operands = list(a.operand_values)
+            tile_op = _outlined(self.op.kind, operands + s.inputs, [a, *s.epilogue],
+                                self.result)
+            name, text, used = render_tile_epilogue(tile_op, tile_op.body.ops[0], self.target)
+            self.tile = TileEpilogue(name, text)
+            index = {v: i - len(operands) for i, v in enumerate(tile_op.body.args)}
+            self.tile_operands = [index[v] for v in used]  # positions in s.inputs
+        else:
+            ew = _outlined("elementwise", [a.result, *s.inputs], s.epilogue, self.result)
+            self.in_place = compile_loop_kernel(ew, self.target)
+            self.modules.append(self.in_place.llvm_ir)
+
+    def _two_d(self) -> bool:
+        x, w = self.split.anchor.operand_values[:2]
+        return self.anchor_name == "moe.grouped_matmul" or (w.type.rank == 2 and x.type.rank >= 2)
+
+    def llvm_modules(self) -> list[str]:
+        from .gemm import compile_gemm
+        if self.tile is not None or not self.modules:
+            return [compile_gemm(None, (), self.target, self.tile).llvm_ir, *self.modules]
+        return self.modules
+
+    def __call__(self, ins, outs, env) -> None:
+        vals = dict(zip(self.op.body.args, ins))
+        for o in self.split.prologue:  # the LoRA branch: x·Aᵀ, then s·(x·Aᵀ)·Bᵀ
+            if o.name == self.anchor_name:
+                vals[o.result] = self._gemm(o, vals, None, 0, self.split.alpha.get(o, 1.0))
+            else:
+                from lmc.backends.reference.interpreter import IMPL
+                vals[o.result] = IMPL[o.name](o, env, *[vals[v] for v in o.operand_values])
+        for new, old in self.split.alias.items():
+            vals[new] = vals[old]
+        out = outs[0]
+        extra = [vals[v] for v in self.split.inputs]
+        if self.tile is not None:
+            args, keep = _epilogue_args([extra[i] for i in self.tile_operands], out.shape)
+            self._gemm(self.split.anchor, vals, out, args.ctypes.data)
+            del keep  # the operand views had to outlive the GEMM call
+        else:
+            self._gemm(self.split.anchor, vals, out, 0)
+            if self.in_place is not None:
+                self.in_place.run([out, *extra], [out], threads=self.threads, env=env)
+
+    def _gemm(self, g: Op, vals, out, epi_args: int, alpha: float = 1.0):
+        from .threads import batched_sgemm, grouped_sgemm, sgemm
+        x, w = vals[g.operand_values[0]], vals[g.operand_values[1]]
+        tile = self.tile if out is not None and epi_args else None
+        opts = {"threads": self.threads, "target": self.target}
+        if g.name == "moe.grouped_matmul":
+            return grouped_sgemm(x, w, vals[g.operand_values[2]], out=out, tile_epilogue=tile,
+                                 epi_args=epi_args, **opts)
+        if w.ndim != 2 or x.ndim < 2:
+            out = batched_sgemm(x, w, out=out, **opts)
+            return out * np.float32(alpha) if alpha != 1.0 else out
+        out = np.empty(x.shape[:-1] + (w.shape[1],), np.float32) if out is None else out
+        sgemm(x.reshape(-1, x.shape[-1]), w, out=out.reshape(-1, w.shape[1]), alpha=alpha,
+              tile_epilogue=tile, epi_args=epi_args, **opts)
+        return out
+
+
+def _epilogue_args(operands: list[np.ndarray], shape: tuple) -> tuple[np.ndarray, list]:
+    """(pointer, row stride, col stride) per operand of the 2-D [M, N] view of the output."""
+    words, keep = [], []
+    n = shape[-1]
+    for x in operands:
+        view = np.broadcast_to(x, shape).reshape(-1, n)  # a view whenever strides allow
+        if any(s % view.itemsize for s in view.strides):
+            view = np.ascontiguousarray(view)
+        keep.append(view)
+        words += [view.ctypes.data, view.strides[0] // view.itemsize,
+                  view.strides[1] // view.itemsize]
+    return np.array(words or [0], np.int64), keep
+
+
+# ---- plain ops with native kernels ---------------------------------------------------------------
+
+def native_op(op: Op, threads: int | None) -> Callable | None:
+    """fn(op, env, *arrays) for the data-movement ops that have a native kernel, else None."""
+    from . import datamove
+    if op.name == "tensor.take" and op.axis == 0 and op.x.dtype is DType.f32:
+        return lambda op, env, x, idx: datamove.take_rows(x, idx)
+    if op.name == "moe.route":
+        return lambda op, env, idx: datamove.moe_route(idx, op.num_experts)
+    if op.name == "moe.gather" and op.x.dtype is DType.f32:
+        return lambda op, env, x, perm: datamove.moe_gather(x, perm, op.k)
+    if op.name == "moe.combine" and op.y.dtype is DType.f32:
+        return lambda op, env, y, perm, w: datamove.moe_combine(y, perm, w)
+    if op.name == "tensor.topk" and op.x.dtype is DType.f32 and \
+            op.axis in (-1, op.x.type.rank - 1):
+        return lambda op, env, x: datamove.topk(x, op.k, op.largest)
+    return None

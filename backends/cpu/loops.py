@@ -1,0 +1,977 @@
+"""Loop kernels for `kernel.fused {kind = elementwise | reduction}`, and GEMM tile epilogues.
+
+A body is first rewritten so that softmax, log_softmax, layer_norm and rms_norm become row
+reductions (sum/mean/max/min over the trailing axes) and elementwise ops: hand-written and
+library forms then share one scheduler. Each value gets an *axis map* (which domain axis each of
+its dims runs along), found backwards from the results, and from it a class: `row` (varies along
+the reduced/inner axes), `perrow` (one value per row, computed once per row as a splat vector),
+or `const`. Reductions are levelled by how many reductions they depend on; a row runs one pass
+over its L elements per level (softmax: max, sum of exp, normalize), recomputing cheap row
+values in each pass and keeping transcendental ones in per-thread scratch.
+
+The ABI and launcher contract are in docs/CPU_BACKEND.md. Every call takes a fast path (vector
+loads, unrolled accumulators, masked tail) when each row operand has inner stride 1, else a
+gathered path that is slower but correct for any strides. A GEMM tile epilogue is the same
+kind of kernel: its ops become an elementwise loop kernel over the tile, called by a small
+function that turns the tile ABI into an args block.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import threading
+from dataclasses import dataclass, field
+from itertools import pairwise
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from lmc.errors import ShapeError
+from lmc.ir.core import UNKNOWN_LOC, Block, Op, Region, Value
+from lmc.ir.ops import op_class
+from lmc.ir.printer import Printer
+from lmc.ir.rewriter import Rewriter
+from lmc.ir.types import (
+    DType,
+    TensorType,
+    dims_equal,
+    eval_dim,
+    normalize_axis,
+)
+
+from . import emit
+from .emit import EMIT, STORAGE, EmitError, vtype
+from .irtext import FunctionWriter
+from .jit import HostTarget, default_engine
+from .threads import CorePool, cpu_threads
+from .threads import pool as core_pool
+
+REDUCE_KIND = {"tensor.sum": "sum", "tensor.mean": "sum", "tensor.max": "max",
+               "tensor.min": "min"}
+# Row values worth a scratch round trip instead of recomputing them in a later pass.
+COSTLY = {"tensor.exp", "tensor.log", "tensor.tanh", "tensor.erf", "tensor.sigmoid",
+          "tensor.silu", "tensor.gelu", "tensor.sin", "tensor.cos", "tensor.pow"}
+UNROLL = 4  # independent accumulators per reduction: hides the add latency
+# Work (elements x (passes + transcendental ops)) per thread below which a second core costs
+# more than it saves: waking a worker takes 10-100 us here, a pass ~0.1-0.3 ns per element.
+# Measured: LayerNorm 512x512 (786K) is faster on one core, softmax 4096x128 (2M) on two.
+MIN_WORK_PER_THREAD = 1 << 19
+_SIZE = {"float": 4, "double": 8, "i64": 8, "i32": 4, "i8": 1, "i1": 1}
+
+
+# ---- decomposition of library row ops ----------------------------------------------------------
+
+def _trailing(rank: int, k: int) -> tuple[int, ...]:
+    return tuple(range(rank - k, rank))
+
+
+def _softmax(rw: Rewriter, op: Op) -> Value:
+    """The interpreter's _softmax/_log_softmax: a non-finite row max is replaced by 0."""
+    x, rank = op.x, op.x.type.rank
+    if normalize_axis(op.axis, rank) != rank - 1:
+        raise EmitError(op, "only a softmax over the last axis is a row reduction")
+    axes = (rank - 1,)
+    zero = rw.constant(0.0, TensorType((), x.dtype))
+    m = rw.value("tensor.max", x, axes=axes, keepdim=True)
+    finite = rw.value("tensor.eq", rw.value("tensor.sub", m, m), zero)
+    shifted = rw.value("tensor.sub", x, rw.value("tensor.where", finite, m, zero))
+    e = rw.value("tensor.exp", shifted)
+    s = rw.value("tensor.sum", e, axes=axes, keepdim=True)
+    if op.name == "tensor.log_softmax":
+        return rw.value("tensor.sub", shifted, rw.value("tensor.log", s))
+    return rw.value("tensor.div", e, s)
+
+
+def _norm(rw: Rewriter, op: Op) -> Value:
+    """layer_norm: mean, then the variance of (x - mean), as the interpreter; rms_norm."""
+    x = op.x
+    axes = _trailing(x.type.rank, op.num_axes)
+    if op.name == "tensor.layer_norm":
+        d = rw.value("tensor.sub", x, rw.value("tensor.mean", x, axes=axes, keepdim=True))
+    else:
+        d = x
+    var = rw.value("tensor.mean", rw.value("tensor.mul", d, d), axes=axes, keepdim=True)
+    eps = rw.constant(op.eps, TensorType((), x.dtype))
+    y = rw.value("tensor.div", d, rw.value("tensor.sqrt", rw.value("tensor.add", var, eps)))
+    affine = op.operand_values[1:]
+    if affine:
+        y = rw.value("tensor.mul", y, affine[0])
+    if len(affine) > 1:
+        y = rw.value("tensor.add", y, affine[1])
+    return y
+
+
+def _int_mean(rw: Rewriter, op: Op) -> Value:
+    """numpy's mean of integers or bools: a float64 mean, cast back (truncating)."""
+    wide = rw.value("tensor.cast", op.x, dtype=DType.f64)
+    mean = rw.value("tensor.mean", wide, axes=op.axes, keepdim=op.keepdim)
+    return rw.value("tensor.cast", mean, dtype=op.x.dtype)
+
+
+LIBRARY = {"tensor.softmax": _softmax, "tensor.log_softmax": _softmax,
+           "tensor.layer_norm": _norm, "tensor.rms_norm": _norm, "tensor.mean": _int_mean}
+
+
+def decompose(body: Block) -> Block:
+    """A copy of `body` with the library row ops written as primitive row reductions."""
+    block = body.clone()
+    for op in list(block.ops):
+        if op.name in LIBRARY and (op.name != "tensor.mean" or not op.x.dtype.is_float):
+            new = LIBRARY[op.name](Rewriter(block, before=op), op)
+            op.result.replace_all_uses_with(new)
+            op.drop_operands()
+            block.remove(op)
+    return block
+
+
+# ---- the plan: domain, axis maps, classes, passes -----------------------------------------------
+
+@dataclass
+class Operand:
+    """One operand of the ABI: a body argument or a result, with its axis map."""
+
+    value: Value
+    amap: tuple[int | None, ...]
+    inner: bool  # varies along L (else one value per row, read once and splatted)
+    output: bool
+    live: bool = True  # a body argument no result depends on is never read
+
+
+def _right_aligned(shape, target: tuple[int | None, ...]) -> tuple[int | None, ...]:
+    """Axis map of an operand broadcast (numpy rules) into a value with axis map `target`."""
+    off = len(target) - len(shape)
+    return tuple(None if d == 1 else target[off + j] for j, d in enumerate(shape))
+
+
+def _dim_eq(a, b) -> bool:
+    """dims_equal without sympy where it cannot matter: a symbol never equals an int."""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and dims_equal(a, b))
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(_dim_eq(x, y) for x, y in zip(a, b))
+
+
+def _broadcasts_to(shape, target) -> bool:
+    off = len(target) - len(shape)
+    return off >= 0 and all(d == 1 or _dim_eq(d, target[off + j]) for j, d in enumerate(shape))
+
+
+def _broadcast(shapes) -> tuple:
+    """numpy broadcasting of (possibly symbolic) shapes, or None if they do not broadcast."""
+    rank = max((len(s) for s in shapes), default=0)
+    out = []
+    for i in range(rank):
+        dims = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+        big = [d for d in dims if d != 1]
+        if any(not _dim_eq(d, big[0]) for d in big):
+            return None
+        out.append(big[0] if big else 1)
+    return tuple(out)
+
+
+class Plan:
+    """The schedule of one kernel body; compile-time only (shapes may be symbolic)."""
+
+    def __init__(self, op: Op):
+        """Raises EmitError (naming the op) for bodies a loop kernel cannot run."""
+        if op.kind not in ("elementwise", "reduction"):
+            raise EmitError(op, f"kind '{op.kind}' is not a loop kernel")
+        self.block = decompose(op.body)
+        self.term = self.block.terminator
+        self.ops = [o for o in self.block.ops if o is not self.term]
+        self._find_domain()
+        self._axis_maps()
+        self._classify()
+        self._schedule()
+
+    def _find_domain(self) -> None:
+        """The iteration domain: the reductions' input shape (they must agree on it and on the
+        k trailing axes they reduce), else the results' broadcast shape with k = 1 (L is the
+        last dim)."""
+        reds = [o for o in self.ops if o.name in REDUCE_KIND]
+        self.reduces = bool(reds)
+        if not reds:
+            self.domain = _broadcast([v.shape for v in self.term.operand_values])
+            if self.domain is None:
+                raise EmitError(self.term, "the results of an elementwise kernel must broadcast "
+                                           "to one shape")
+            self.rank = len(self.domain)
+            self.k = min(self.rank, 1)
+            return
+        self.domain = reds[0].x.shape
+        self.rank = rank = len(self.domain)
+        self.k = None
+        for r in reds:
+            axes = {normalize_axis(a, rank) for a in r.axes} if r.axes else set(range(rank))
+            k = len(axes)
+            if not _same_shape(r.x.shape, self.domain) or axes != set(_trailing(rank, k)) or \
+                    self.k not in (None, k):
+                raise EmitError(r, "the reductions of one kernel must reduce the same trailing "
+                                   f"axes of one shape {list(self.domain)}")
+            self.k = k
+
+    @property
+    def outer_rank(self) -> int:
+        return self.rank - self.k
+
+    def _result_map(self, v: Value) -> tuple[int | None, ...]:
+        outer = tuple(range(self.outer_rank))
+        if self.reduces and _same_shape(v.shape, self.domain[:self.outer_rank]):
+            return _right_aligned(v.shape, outer)
+        if not _broadcasts_to(v.shape, self.domain):
+            raise EmitError(self.term, f"result {v.type} has neither the domain shape "
+                                       f"{list(self.domain)} nor the reduced shape")
+        return _right_aligned(v.shape, tuple(range(self.rank)))
+
+    def _axis_maps(self) -> None:
+        """Backwards from the results: every live value's axis map; dead ops are dropped."""
+        amap: dict[Value, tuple] = {}
+
+        def assign(v: Value, m: tuple, op: Op) -> None:
+            if amap.setdefault(v, m) != m:
+                raise EmitError(op, f"operand {v.type} is broadcast along two different axis "
+                                    "sets in one kernel")
+
+        for v in self.term.operand_values:
+            assign(v, self._result_map(v), self.term)
+        identity = tuple(range(self.rank))
+        for op in reversed(self.ops):
+            if op.result not in amap:
+                continue
+            res = amap[op.result]
+            if op.name in REDUCE_KIND:
+                full = tuple(range(self.outer_rank)) + (None,) * (self.k * op.keepdim)
+                if res != _right_aligned(op.result.shape, full):
+                    raise EmitError(op, "a reduced value is broadcast along a row axis")
+                assign(op.x, identity, op)
+            elif op.name == "tensor.reshape":
+                assign(op.x, _reshape_map(op, res), op)
+            elif op.name in EMIT:
+                for v in op.operand_values:
+                    assign(v, _right_aligned(v.shape, res), op)
+            else:
+                raise EmitError(op, "is neither elementwise nor a row reduction")
+        self.amap = amap
+        self.ops = [o for o in self.ops if o.result in amap]
+
+    def is_inner(self, v: Value) -> bool:
+        return any(a is not None and a >= self.outer_rank for a in self.amap[v])
+
+    def _classify(self) -> None:
+        """Class and reduction level of every live value; the ABI operands."""
+        self.cls: dict[Value, str] = {}
+        self.level: dict[Value, int] = {}
+        for a in self.block.args:
+            if a in self.amap:
+                self.cls[a] = "row" if self.is_inner(a) else "perrow"
+                self.level[a] = 0
+        for op in self.ops:
+            v, ins = op.result, op.operand_values
+            if op.name in REDUCE_KIND:
+                self.cls[v], self.level[v] = "perrow", self.level[op.x] + 1
+                continue
+            self.level[v] = max((self.level[x] for x in ins), default=0)
+            if self.is_inner(v):
+                self.cls[v] = "row"
+            else:
+                self.cls[v] = "const" if all(self.cls[x] == "const" for x in ins) else "perrow"
+        self.operands = [Operand(a, self.amap.get(a, ()), a in self.amap and self.is_inner(a),
+                                 False, a in self.amap) for a in self.block.args]
+        self.operands += [Operand(v, self.amap[v], self.is_inner(v), True)
+                          for v in self.term.operand_values]
+        # x / per-row y is x * (1/y) with the reciprocal taken once per row.
+        self.recip = {o.operand_values[1] for o in self.ops if o.name == "tensor.div" and
+                      emit.is_float(o.result.dtype) and self.cls[o.result] == "row" and
+                      self.cls[o.operand_values[1]] != "row"}
+
+    def _schedule(self) -> None:
+        """Passes over each row, what each computes, reduces, stores and keeps in scratch."""
+        reds = [o for o in self.ops if o.name in REDUCE_KIND]
+        store_pass = {i: self.level[o.value] + 1 for i, o in enumerate(self.operands)
+                      if o.output and o.inner}
+        self.n_passes = max([self.level[r.result] for r in reds] + list(store_pass.values()),
+                            default=0)
+        passes = range(1, self.n_passes + 1)
+        self.reds = {p: [r for r in reds if self.level[r.result] == p] for p in passes}
+        self.stores = {p: [i for i, q in store_pass.items() if q == p] for p in passes}
+        roots = {p: [r.x for r in self.reds[p]] +
+                 [self.operands[i].value for i in self.stores[p]] for p in passes}
+        cached: dict[Value, int] = {}
+        for p in passes:
+            computed, _ = self._cone(roots[p], {v for v, q in cached.items() if q < p})
+            for v in reversed(computed):
+                if v.op is None or v.op.name not in COSTLY:
+                    continue
+                if any(v in self._cone(roots[q], {u for u, s in cached.items() if s < q})[0]
+                       for q in range(p + 1, self.n_passes + 1)):
+                    cached[v] = p
+        self.cached = list(cached)
+        self.cache_pass = cached
+        self.compute, self.cache_loads = {}, {}
+        for p in passes:
+            self.compute[p], self.cache_loads[p] = self._cone(
+                roots[p], {v for v, q in cached.items() if q < p})
+        self.perrow = {lv: [v for v in [*self.block.args, *(o.result for o in self.ops)]
+                            if self.cls.get(v) == "perrow" and self.level[v] == lv]
+                       for lv in range(self.n_passes + 1)}
+
+    def _cone(self, roots: list[Value], stop: set[Value]) -> tuple[list[Value], list[Value]]:
+        """Row values a pass computes for `roots` (in block order), and the scratch values it
+        reads instead of recomputing."""
+        seen: set[Value] = set()
+        leaves: list[Value] = []
+        stack = [v for v in roots if self.cls[v] == "row"]
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if v in stop:
+                leaves.append(v)
+            elif v.op is not None:
+                stack += [x for x in v.op.operand_values if self.cls[x] == "row"]
+        order = [*self.block.args, *(o.result for o in self.ops)]
+        computed = [v for v in order if v in seen and v not in stop]
+        return computed, [v for v in order if v in leaves]
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Scratch bytes per (padded) row element."""
+        return sum(_SIZE[emit.scalar_type(v.dtype)] for v in self.cached)
+
+
+def _reshape_map(op: Op, res: tuple) -> tuple:
+    """A reshape that only adds or removes size-1 dims: its non-1 dims map in order."""
+    src = [j for j, d in enumerate(op.x.shape) if d != 1]
+    dst = [j for j, d in enumerate(op.result.shape) if d != 1]
+    if len(src) != len(dst) or not all(_dim_eq(op.x.shape[a], op.result.shape[b])
+                                       for a, b in zip(src, dst)):
+        raise EmitError(op, "only reshapes that add or remove size-1 dims can be fused")
+    out: list[int | None] = [None] * len(op.x.shape)
+    for a, b in zip(src, dst):
+        out[a] = res[b]
+    return tuple(out)
+
+
+def _emit_op(w: FunctionWriter, op: Op, vals: dict, lanes: int) -> str:
+    """EMIT for `op`, except x / y with a precomputed per-row reciprocal of y."""
+    ins = op.operand_values
+    if op.name == "tensor.div" and ("recip", ins[1]) in vals:
+        return w.value(f"fmul {vtype(op.result.dtype, lanes)} {vals[ins[0]]}, "
+                       f"{vals[('recip', ins[1])]}")
+    try:
+        fn = EMIT[op.name]
+    except KeyError:
+        raise EmitError(op, "has no CPU emitter") from None
+    return fn(w, op, [vals[x] for x in ins], lanes)
+
+
+# ---- loop kernel code generation ---------------------------------------------------------------
+
+@dataclass
+class _At:
+    """Where a vector step is: element i, the tail mask (None: a full vector), the path."""
+
+    i: str
+    mask: str | None
+    fast: bool
+    clamp_all: bool = False  # the step stores a 1- or 2-byte result through clamped lanes
+    index: str | None = None  # the clamped lane index vector, made on first use
+
+    def clamped(self, itemsize: int) -> bool:
+        """Read/write through clamped lanes rather than a mask? Off the fast path always; in
+        its tail for narrow elements (x86 masks only 4- and 8-byte ones), and for everything
+        when a narrow result is stored: the lanes it rewrites must see the last element."""
+        return not self.fast or (self.mask is not None and (self.clamp_all or itemsize < 4))
+
+
+class _LoopWriter:
+    """Renders `void @NAME(i64 %start, i64 %end, ptr %args, ptr %scratch)` for a Plan."""
+
+    def __init__(self, plan: Plan, name: str, lanes: int, linkage: str = ""):
+        self.p, self.n = plan, lanes
+        self.w = FunctionWriter(f"{linkage} void @{name}(i64 %start, i64 %end, ptr %args, "
+                                "ptr %scratch)".strip())
+
+    def render(self) -> str:
+        """Constants once, then the row loop twice: the fast path when every row operand has
+        inner stride 1, else the gathered one."""
+        w, p = self.w, self.p
+        self._read_args()
+        consts: dict = {}
+        for op in p.ops:
+            if p.cls[op.result] == "const":
+                consts[op.result] = _emit_op(w, op, consts, self.n)
+                self._recip(op.result, consts)
+        unit = [w.value(f"icmp eq i64 {self.inner[j]}, 1")
+                for j, o in enumerate(p.operands) if o.live and o.inner]
+        fast = "true"
+        for c in unit:
+            fast = w.op("and", fast, c, "i1")
+        with w.if_else(fast, "fast") as otherwise:
+            self._rows(consts, True)
+            otherwise()
+            self._rows(consts, False)
+        return w.text()
+
+    def _word(self, i: int, ty: str = "i64") -> str:
+        return self.w.load(ty, self.w.gep("%args", str(i), "i64"), 8)
+
+    def _read_args(self) -> None:
+        """Sizes, L, each live operand's base/strides; scratch slots (rows padded to lanes)."""
+        w, p, r = self.w, self.p, self.p.outer_rank
+        self.sizes = [self._word(d) for d in range(r)]
+        self.L = self._word(r)
+        self.last = w.op("sub", self.L, "1")
+        self.base, self.strides, self.inner = [], [], []
+        for j, o in enumerate(p.operands):
+            at = r + 1 + j * (r + 2)
+            w.emit(f"; operand {j}: {'result' if o.output else 'argument'} {o.value.type}, "
+                   f"{'row' if o.inner else 'per-row'}{'' if o.live else ', unused'}")
+            self.base.append(self._word(at, "ptr") if o.live else None)
+            self.strides.append([self._word(at + 1 + d) for d in range(r)] if o.live else None)
+            self.inner.append(self._word(at + r + 1) if o.live else None)
+        padded = w.op("and", w.op("add", self.L, str(self.n - 1)), str(-self.n))
+        self.slots, offset = {}, 0
+        for v in p.cached:
+            self.slots[v] = w.gep("%scratch", w.op("mul", str(offset), padded), "i8")
+            offset += _SIZE[emit.scalar_type(v.dtype)]
+
+    def _recip(self, v: Value, vals: dict) -> None:
+        """1/v next to v when a row value is divided by it (one divide per row, not per x)."""
+        if v in self.p.recip:
+            ty = vtype(v.dtype, self.n)
+            vals[("recip", v)] = self.w.value(
+                f"fdiv {ty} {emit.const(v.dtype, 1.0, self.n)}, {vals[v]}")
+
+    def _rows(self, consts: dict, fast: bool) -> None:
+        """Rows start..end: per-row values, then each pass and what its reductions unlock."""
+        with self.w.loop("%start", "%end", 1, "row") as r:
+            offs = self._offsets(r)
+            env = dict(consts)
+            self._per_row(0, env, offs)
+            for q in range(1, self.p.n_passes + 1):
+                self._pass(q, env, offs, fast)
+                self._per_row(q, env, offs)
+
+    def _offsets(self, r: str) -> list[str | None]:
+        """Each operand's element offset of row r (r unravelled over the outer sizes)."""
+        w, rank = self.w, self.p.outer_rank
+        idx, rest = [None] * rank, r
+        for d in reversed(range(rank)):
+            if d == 0:
+                idx[d] = rest
+            else:
+                idx[d] = w.op("urem", rest, self.sizes[d])
+                rest = w.op("udiv", rest, self.sizes[d])
+        offs = []
+        for j, o in enumerate(self.p.operands):
+            off = "0"
+            for d in range(rank if o.live else 0):
+                off = w.op("add", off, w.op("mul", idx[d], self.strides[j][d]))
+            offs.append(off if o.live else None)
+        return offs
+
+    def _per_row(self, level: int, env: dict, offs: list) -> None:
+        """Per-row values whose reductions are done; then the per-row results to store."""
+        w, p, n = self.w, self.p, self.n
+        for v in p.perrow[level]:
+            if v.op is None:
+                j = v.index
+                env[v] = emit.splat_load(w, v.dtype, w.gep(self.base[j], offs[j], STORAGE[v.dtype]),
+                                     n)
+            elif v.op.name not in REDUCE_KIND:  # reductions were set by their pass
+                env[v] = _emit_op(w, v.op, env, n)
+            self._recip(v, env)
+        for j, o in enumerate(p.operands):
+            if o.output and not o.inner and p.level[o.value] == level:
+                dt = o.value.dtype
+                emit.scalar_store(w, dt, env[o.value], w.gep(self.base[j], offs[j], STORAGE[dt]), n)
+
+    def _pass(self, q: int, env: dict, offs: list, fast: bool) -> None:
+        """One sweep over the row: main loop (unrolled when it reduces), then a masked tail."""
+        w, n, reds = self.w, self.n, self.p.reds[q]
+        w.emit(f"; pass {q} ({'fast' if fast else 'gathered'}): reduce "
+               f"{[r.name for r in reds]}, store operands {self.p.stores[q]}")
+        copies = UNROLL if fast and reds else 1
+        accs = {r: [w.slot(vtype(r.x.dtype, n), emit.reduce_identity(
+            REDUCE_KIND[r.name], r.x.dtype, n), "acc") for _ in range(copies)] for r in reds}
+
+        def step(i: str, mask: str | None, u: int) -> None:
+            self._step(q, env, offs, i, mask, accs, u, fast)
+        if fast:
+            full, start = w.op("and", self.L, str(-n)), "0"
+            if copies > 1:
+                start = w.op("and", self.L, str(-n * copies))
+                with w.loop("0", start, n * copies, "u") as i:
+                    for u in range(copies):
+                        step(w.op("add", i, str(u * n)), None, u)
+            with w.loop(start, full, n, "v") as i:
+                step(i, None, 0)
+            with w.if_(w.value(f"icmp slt i64 {full}, {self.L}"), "tail"):
+                step(full, emit.lane_mask(w, w.op("sub", self.L, full), n), 0)
+        else:
+            with w.loop("0", self.L, n, "g") as i:
+                step(i, emit.lane_mask(w, w.op("sub", self.L, i), n), 0)
+        for r in reds:
+            env[r.result] = self._finish(r, accs[r])
+
+    def _step(self, q, env, offs, i, mask, accs, u, fast) -> None:
+        """One vector of the row at element i: compute, keep in scratch, reduce, store."""
+        w, p, n = self.w, self.p, self.n
+        narrow = any(p.operands[j].value.dtype.itemsize < 4 for j in p.stores[q])
+        at = _At(i, mask, fast, narrow)
+        vals = dict(env)
+        for v in p.cache_loads[q]:
+            vals[v] = self._scratch_load(v, at)
+        for v in p.compute[q]:
+            vals[v] = self._load(v.index, offs, at) if v.op is None else \
+                _emit_op(w, v.op, vals, n)
+            if p.cache_pass.get(v) == q:
+                w.store(vtype(v.dtype, n), vals[v], w.gep(self.slots[v], i, emit.scalar_type(
+                    v.dtype)), _SIZE[emit.scalar_type(v.dtype)])
+        for r in p.reds[q]:
+            kind, dt, x = REDUCE_KIND[r.name], r.x.dtype, vals[r.x]
+            if mask is not None:
+                x = w.value(f"select <{n} x i1> {mask}, {vtype(dt, n)} {x}, {vtype(dt, n)} "
+                            f"{emit.reduce_identity(kind, dt, n)}")
+            acc = accs[r][u]
+            w.store(vtype(dt, n), emit.reduce_combine(w, kind, dt, w.load(vtype(dt, n), acc),
+                                                      x, n), acc)
+        for j in p.stores[q]:
+            self._store(j, vals[p.operands[j].value], offs, at)
+
+    def _scratch_load(self, v: Value, at: _At) -> str:
+        """A scratch row value kept by an earlier pass (rows are padded to whole vectors)."""
+        w, ty = self.w, emit.scalar_type(v.dtype)
+        if at.fast and at.clamp_all and at.mask is not None:
+            ptrs = w.value(f"getelementptr {ty}, ptr {self.slots[v]}, <{self.n} x i64> "
+                           f"{self._index(at)}")
+            return w.value(f"call {vtype(v.dtype, self.n)} @llvm.masked.gather."
+                           f"{emit.suffix(vtype(v.dtype, self.n))}.v{self.n}p0(<{self.n} x ptr> "
+                           f"align {_SIZE[ty]} {ptrs}, <{self.n} x i1> splat (i1 true), "
+                           f"{vtype(v.dtype, self.n)} zeroinitializer)")
+        return w.load(vtype(v.dtype, self.n), w.gep(self.slots[v], at.i, ty), _SIZE[ty])
+
+    def _index(self, at: _At) -> str:
+        if at.index is None:
+            at.index = emit.clamped_index(self.w, at.i, self.last, self.n)
+        return at.index
+
+    def _element(self, j: int, offs: list, at: _At) -> tuple[str, str | None]:
+        """(pointer to element i of operand j's row, or None; the lane pointers otherwise)."""
+        w, dt = self.w, self.p.operands[j].value.dtype
+        if not at.clamped(dt.itemsize):
+            return w.gep(self.base[j], w.op("add", offs[j], at.i), STORAGE[dt]), None
+        stride = "1" if at.fast else self.inner[j]
+        return None, emit.lane_ptrs(w, dt, self.base[j], offs[j], self._index(at), stride, self.n)
+
+    def _load(self, j: int, offs: list, at: _At) -> str:
+        dt = self.p.operands[j].value.dtype
+        ptr, lanes = self._element(j, offs, at)
+        if ptr is not None:
+            return emit.vload(self.w, dt, ptr, self.n, at.mask)
+        return emit.vgather(self.w, dt, lanes, self.n)
+
+    def _store(self, j: int, x: str, offs: list, at: _At) -> None:
+        dt = self.p.operands[j].value.dtype
+        ptr, lanes = self._element(j, offs, at)
+        if ptr is not None:
+            emit.vstore(self.w, dt, x, ptr, self.n, at.mask)
+        else:
+            emit.vscatter(self.w, dt, x, lanes, self.n)
+
+    def _finish(self, r: Op, accs: list[str]) -> str:
+        """Combine the accumulators, reduce across lanes (butterfly: every lane ends with the
+        total), divide a mean by L."""
+        w, n, kind, dt = self.w, self.n, REDUCE_KIND[r.name], r.x.dtype
+        vt = vtype(dt, n)
+        v = w.load(vt, accs[0])
+        for a in accs[1:]:
+            v = emit.reduce_combine(w, kind, dt, v, w.load(vt, a), n)
+        k = n // 2
+        while k:
+            perm = ", ".join(f"i32 {i ^ k}" for i in range(n))
+            v = emit.reduce_combine(w, kind, dt, v, w.value(
+                f"shufflevector {vt} {v}, {vt} poison, <{n} x i32> <{perm}>"), n)
+            k //= 2
+        if r.name != "tensor.mean":
+            return v
+        count = emit.splat(w, emit.scalar_type(dt), w.value(
+            f"sitofp i64 {self.L} to {emit.scalar_type(dt)}"), n)
+        return w.value(f"fdiv {vt} {v}, {count}")  # (means of integers were made f64 ones)
+
+
+# ---- compile -----------------------------------------------------------------------------------
+
+def canonical_text(op: Op) -> str:
+    """The body as text without locations or argument names: the compile cache key, so that
+    identical kernels of different layers compile once."""
+    body = op.body.clone()
+    for i, a in enumerate(body.args):
+        a.name = f"a{i}"
+    for o in body.ops:
+        o.loc = UNKNOWN_LOC
+    return f"{op.kind}\n" + "\n".join(Printer().block(body, ""))
+
+
+def default_lanes(target: HostTarget) -> int:
+    """Vector lanes of loop kernels: one zmm (16 floats) with AVX-512, else one ymm."""
+    return 16 if target.has_avx512 else 8
+
+
+_kernels: dict[tuple, LoopKernel] = {}
+_kernels_lock = threading.Lock()
+
+
+def compile_loop_kernel(op: Op, target: HostTarget | None = None,
+                        lanes: int | None = None) -> LoopKernel:
+    """The native kernel of a `kernel.fused` {elementwise, reduction} op, compiled once per
+    process for each distinct body. `lanes` overrides the target's vector width (tests run the
+    16-lane code on AVX2 machines with it)."""
+    engine = default_engine(target)
+    lanes = lanes or default_lanes(engine.target)
+    text = canonical_text(op)
+    key = (text, target, lanes)
+    with _kernels_lock:
+        if key not in _kernels:
+            plan = Plan(op)
+            name = f"lmc_loop_{hashlib.sha1(f'{text}|{lanes}'.encode()).hexdigest()[:16]}"
+            ir = emit.module_text([f"; {op.kind} kernel, {lanes} lanes\n; " +
+                                   text.replace("\n", "\n; "),
+                                   _LoopWriter(plan, name, lanes).render()], {lanes})
+            module = engine.add_ir(name, ir)
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            fn = module.function(name, None, i64, i64, ptr, ptr)
+            _kernels[key] = LoopKernel(plan, name, ir, lanes, fn)
+        return _kernels[key]
+
+
+# ---- launch ------------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _scratch(nbytes: int) -> int:
+    """This thread's scratch buffer (64-byte aligned), grown on demand."""
+    if nbytes == 0:
+        return 0
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.nbytes < nbytes + 64:
+        buf = _local.scratch = np.empty(max(nbytes + 64, 1 << 16), np.uint8)
+    return buf.ctypes.data + (-buf.ctypes.data % 64)
+
+
+def _collapse(sizes, strides) -> int | None:
+    """The one stride that walks the row-major flattening of these dims, or None."""
+    dims = [(n, s) for n, s in zip(sizes, strides) if n != 1]
+    for (_, s0), (n1, s1) in pairwise(dims):
+        if s0 != s1 * n1:
+            return None
+    return dims[-1][1] if dims else 1
+
+
+def _merge(sizes, strides: list[list[int]], keep_last: bool):
+    """Drop size-1 dims and merge neighbours every operand walks as one (numpy's coalescing).
+    With keep_last the last dim (L) is never dropped, though it may absorb outer dims."""
+    dims = [(n, [s[d] for s in strides]) for d, n in enumerate(sizes)
+            if n != 1 or (keep_last and d == len(sizes) - 1)]
+    merged: list[tuple[int, list[int]]] = []
+    for n, ss in dims:
+        if merged and all(ps == s * n for ps, s in zip(merged[-1][1], ss)):
+            merged[-1] = (merged[-1][0] * n, ss)
+        else:
+            merged.append((n, ss))
+    return [n for n, _ in merged], [[ss[j] for _, ss in merged] for j in range(len(strides))]
+
+
+def _eval_shape(shape, env: dict[str, int]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else env[d] if d in env else eval_dim(d, env)
+                 for d in shape)
+
+
+@dataclass
+class _Layout:
+    """How one combination of operand shapes and strides launches; cached per kernel, since
+    a model calls each kernel with the same layouts again and again."""
+
+    words: list[int]  # the i64 args block, base pointers left 0
+    rows: int
+    L: int
+    inner: list[int]
+    # (operand, view shape, view byte strides, output?): operands copied to C order first
+    copies: list[tuple[int, tuple, tuple, bool]] = field(default_factory=list)
+    _blocks: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
+
+    def block(self) -> tuple[np.ndarray, int]:
+        """This thread's args block for the layout and its address (made once: reading an
+        array's address costs microseconds)."""
+        key = threading.get_ident()
+        if key not in self._blocks:
+            words = np.array(self.words, np.int64)
+            self._blocks[key] = (words, words.ctypes.data)
+        return self._blocks[key]
+
+
+@dataclass
+class LoopKernel:
+    """A compiled loop kernel; `run` launches it on numpy arrays of any strides."""
+
+    plan: Plan
+    name: str
+    llvm_ir: str
+    lanes: int
+    fn: object = field(repr=False)
+
+    def __post_init__(self) -> None:
+        """What every launch needs, precomputed: small kernels are launch-bound."""
+        p = self.plan
+        self._dtypes = [o.value.dtype.to_numpy() for o in p.operands]
+        self._shapes = [o.value.shape for o in p.operands]
+        seen: set[str] = set()
+        self._bind = []  # (operand, dim, symbol): the first operand dim of each plain symbol
+        for j, shape in enumerate(self._shapes):
+            for d, dim in enumerate(shape):
+                if isinstance(dim, str) and dim.isidentifier() and dim not in seen:
+                    seen.add(dim)
+                    self._bind.append((j, d, dim))
+        self._n_in, self._n_out = len(p.block.args), len(p.term.operand_values)
+        r = p.outer_rank
+        self._ptr_words = [r + 1 + j * (r + 2) for j in range(len(p.operands))]
+        self._scratch_bytes = p.scratch_bytes
+        self._work = max(1, p.n_passes) + sum(v.op is not None and v.op.name in COSTLY
+                                              for vs in p.compute.values() for v in vs)
+        self._layouts: dict[tuple, _Layout | None] = {}
+
+    def run(self, inputs: list[np.ndarray], outputs: list[np.ndarray],
+            threads: int | None = None, pool: CorePool | None = None,
+            env: dict[str, int] | None = None) -> None:
+        """outputs[...] = the body on inputs. Inputs may be any views (stride-0 broadcasts
+        included); outputs are preallocated arrays of the result shapes. `env` binds symbols
+        that no operand has as a plain dim (a kernel seeing only `2*T` needs T)."""
+        if len(inputs) != self._n_in or len(outputs) != self._n_out:
+            raise ShapeError(f"loop kernel takes {self._n_in} inputs and {self._n_out} outputs, "
+                             f"got {len(inputs)} and {len(outputs)}")
+        arrays = [x if isinstance(x, np.ndarray) else np.asarray(x) for x in inputs]
+        arrays += outputs
+        key = tuple((a.shape, a.strides, a.dtype) for a in arrays)
+        if key not in self._layouts:
+            if len(self._layouts) > 256:
+                self._layouts.clear()
+            self._layouts[key] = self._layout(arrays, env or {})
+        lay = self._layouts[key]
+        if lay is None:
+            return  # an empty domain
+        back = []
+        for j, shape, strides, output in lay.copies:
+            view = as_strided(arrays[j], shape, strides)
+            arrays[j] = np.empty(shape, view.dtype) if output else np.ascontiguousarray(view)
+            if output:
+                back.append((view, arrays[j]))
+        words, address = lay.block()
+        for j, a in enumerate(arrays):
+            words[self._ptr_words[j]] = a.ctypes.data
+        work = lay.rows * max(lay.L, 1) * self._work
+        n = max(1, min(threads or _cores(), work // MIN_WORK_PER_THREAD))
+        jobs = self._jobs(lay, words, address, arrays, n)
+        if len(jobs) == 1:
+            jobs[0]()
+        else:
+            (pool or core_pool()).run(jobs)
+        for dst, tmp in back:
+            dst[...] = tmp
+
+    def _layout(self, arrays: list[np.ndarray], env: dict[str, int]) -> _Layout | None:
+        """Check the operands against the body's types; derive the launch layout."""
+        env = {**env, **{name: arrays[j].shape[d] for j, d, name in self._bind
+                         if d < arrays[j].ndim}}
+        try:
+            domain = _eval_shape(self.plan.domain, env)
+            bad = [j for j, a in enumerate(arrays) if a.dtype != self._dtypes[j] or
+                   a.shape != _eval_shape(self._shapes[j], env)]
+        except ShapeError:
+            bad = [0]
+        if bad:
+            j = bad[0]
+            raise ShapeError(f"loop kernel operand {j}: {arrays[j].dtype}{list(arrays[j].shape)}"
+                             f" does not match {self.plan.operands[j].value.type} (symbols "
+                             f"{env})")
+        if 0 in domain:
+            return None
+        copies, strides = [], []
+        for j, (o, a) in enumerate(zip(self.plan.operands, arrays)):
+            if o.live and any(st % a.itemsize for st in a.strides):
+                if o.output:
+                    raise ShapeError("loop kernel outputs need element-aligned strides")
+                copies.append((j, a.shape, a.strides, False))
+                a = np.lib.stride_tricks.as_strided(a, a.shape, _c_strides(a.shape, a.itemsize))
+            strides.append(_domain_strides(o, a, domain))
+        return self._collapse_rows(arrays, strides, domain, copies)
+
+    def _collapse_rows(self, arrays, strides, domain, copies) -> _Layout:
+        """Trailing reduced dims -> L (copying an operand whose layout cannot be flattened);
+        elementwise: merge every dim the operands allow, so contiguous data is one long row."""
+        p, r = self.plan, self.plan.outer_rank
+        if p.reduces or p.k == 0:
+            inner = []
+            for j, o in enumerate(p.operands):
+                s = _collapse(domain[r:], strides[j][r:]) if o.live and o.inner else 0
+                if s is None:  # a C-order copy over [its outer dims, all reduced dims]
+                    shape = tuple(n if d >= r or strides[j][d] else 1 for d, n in enumerate(domain))
+                    copies.append((j, shape, tuple(st * arrays[j].itemsize for st in strides[j]),
+                                   o.output))
+                    c = _c_strides(shape, 1)
+                    strides[j] = [c[d] if shape[d] != 1 else 0 for d in range(len(domain))]
+                    s = _collapse(domain[r:], strides[j][r:])
+                inner.append(s)
+            outer, outer_strides = _merge(domain[:r], [st[:r] for st in strides], False)
+            L = math.prod(domain[r:])
+        else:
+            sizes, merged = _merge(domain, strides, True)
+            outer, outer_strides, L = sizes[:-1], [st[:-1] for st in merged], sizes[-1]
+            inner = [st[-1] for st in merged]
+        if L <= 1:
+            inner = [1 if o.inner else st for o, st in zip(p.operands, inner)]
+        pad = r - len(outer)
+        outer = [1] * pad + outer
+        words = list(outer) + [L]
+        for st, i in zip(outer_strides, inner):
+            words += [0, *([0] * pad + st), i]
+        return _Layout(words, math.prod(outer), L, inner, copies)
+
+    def _jobs(self, lay: _Layout, words: np.ndarray, address: int, arrays, n: int) -> list:
+        """Row ranges, one per thread; an elementwise kernel with fewer rows than threads
+        splits its long rows instead."""
+        rows, L, lanes = lay.rows, lay.L, self.lanes
+        if n > 1 and rows < n and not self.plan.reduces and n * lanes <= L:
+            chunk = -(-L // n // lanes) * lanes
+            jobs = []
+            for l0 in range(0, L, chunk):
+                part = words.copy()
+                part[self.plan.outer_rank] = min(chunk, L - l0)
+                for j, (a, i) in enumerate(zip(arrays, lay.inner)):
+                    part[self._ptr_words[j]] += l0 * i * a.itemsize
+                jobs.append(self._job(part.ctypes.data, 0, rows, min(chunk, L - l0), part))
+            return jobs
+        n = min(n, rows)
+        bounds = [rows * t // n for t in range(n + 1)]
+        return [self._job(address, bounds[t], bounds[t + 1], L, words) for t in range(n)]
+
+    def _job(self, address: int, start: int, end: int, L: int, keep: np.ndarray):
+        """A job; `keep` is the args block at `address`, alive until the job has run."""
+        nbytes = self._scratch_bytes * (-(-L // self.lanes) * self.lanes)
+
+        def job(keep: np.ndarray = keep) -> None:
+            self.fn(start, end, address, _scratch(nbytes))
+        return job
+
+
+_core_count: list[int] = []
+
+
+def _cores() -> int:
+    if not _core_count:
+        _core_count.append(cpu_threads())
+    return _core_count[0]
+
+
+def _c_strides(shape, itemsize: int) -> tuple[int, ...]:
+    """C-order strides (in units of itemsize) of shape."""
+    out, acc = [], itemsize
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
+
+
+def _domain_strides(o: Operand, a: np.ndarray, domain) -> list[int]:
+    """Element strides of operand `a` along each domain axis (0 where it is broadcast)."""
+    strides = [0] * len(domain)
+    if o.live:
+        for d, ax in enumerate(o.amap):
+            if ax is not None and a.shape[d] != 1:
+                strides[ax] = a.strides[d] // a.itemsize
+    return strides
+
+
+# ---- GEMM tile epilogues -----------------------------------------------------------------------
+
+def _epilogue_ops(op: Op, anchor: Op) -> tuple[list[Op], list[Value], Value]:
+    """The ops after `anchor` that depend on it (plus the constants they read), the values they
+    read from outside (body arguments, in first-use order) and the result written back."""
+    body = op.body
+    term = body.terminator
+    if len(term.operand_values) != 1:
+        raise EmitError(op, "a tile epilogue writes back exactly one result")
+    made, ops, reads = {anchor.result}, [], []
+    for o in body.ops[body.index(anchor) + 1:]:
+        if o is term or not any(v in made for v in o.operand_values):
+            continue
+        ops.append(o)
+        made.add(o.result)
+    consts = [o for o in body.ops if o.name == "tensor.constant"]
+    ops = [o for o in consts if any(o.result in u.operand_values for u in ops)] + ops
+    made |= {o.result for o in ops}
+    for o in ops:
+        for v in o.operand_values:
+            if v not in made and v not in reads:
+                reads.append(v)
+    result = term.operand_values[0]
+    if result not in made or result.dtype.value != "f32":
+        raise EmitError(op, f"the tile epilogue result must be the f32 value computed from the "
+                            f"anchor, got {result.type}")
+    return ops, reads, result
+
+
+def render_tile_epilogue(op: Op, anchor: Op, target: HostTarget | None = None,
+                         lanes: int | None = None) -> tuple[str, str, list[Value]]:
+    """(name, module text, operand values) of the tile function `void @NAME(ptr %c, i64 %ldc,
+    i64 %row0, i64 %col0, i64 %mr, i64 %nr, ptr %args)` for a matmul kernel's epilogue (ABI in
+    docs/CPU_BACKEND.md; `c` points at C[row0, col0]). The epilogue is compiled as an
+    elementwise loop kernel over the mr x nr tile (the anchor value is its first operand, read
+    from C and written back), which the tile function calls with an args block it builds. The
+    text brings its own declarations and vmath functions."""
+    lanes = lanes or default_lanes(default_engine(target).target)
+    ops, reads, result = _epilogue_ops(op, anchor)
+    if anchor.result.type.rank < 2 or not _same_shape(result.shape, anchor.result.shape):
+        raise EmitError(op, "a tile epilogue maps a 2-D (or batched) matmul result onto itself")
+    values = [anchor.result, *reads]
+    body = Block([v.type for v in values])
+    mapping = dict(zip(values, body.args))
+    for o in ops:
+        body.append(o.clone([mapping[v] for v in o.operand_values], mapping))
+    body.append(op_class("kernel.yield")([mapping[result]]))
+    kernel = op_class("kernel.fused")(Block([v.type for v in values]).args,
+                                      {"kind": "elementwise"}, [result.type], [Region([body])])
+    plan = Plan(kernel)
+    key = canonical_text(kernel) + f"|tile|{lanes}"
+    name = f"lmc_tile_epi_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    rows = _LoopWriter(plan, name + "_rows", lanes, "internal").render()
+    return name, emit.module_text([rows, _tile_wrapper(name, plan, reads)], {lanes}), reads
+
+
+def _tile_wrapper(name: str, plan: Plan, reads: list[Value]) -> str:
+    """The tile function: the loop kernel's args block for rows 0..mr of the tile, all row
+    strides on the last outer axis, then one call (LLVM inlines it)."""
+    r = plan.outer_rank
+    n_words = r + 1 + (len(reads) + 2) * (r + 2)
+    w = FunctionWriter(f"internal void @{name}(ptr %c, i64 %ldc, i64 %row0, i64 %col0, "
+                       "i64 %mr, i64 %nr, ptr %args)")
+    block = w.slot(f"[{n_words} x i64]", hint="words")
+    words = ["1"] * (r - 1) + ["%mr", "%nr"]
+    c = w.value("ptrtoint ptr %c to i64")
+    operands = [(c, "%ldc", "1")]
+    for k, v in enumerate(reads):
+        ptr, rs, cs = (w.load("ptr" if f == 0 else "i64", w.gep("%args", str(3 * k + f), "i64"),
+                              8) for f in range(3))
+        start = w.op("add", w.op("mul", "%row0", rs), w.op("mul", "%col0", cs))
+        base = w.value(f"ptrtoint ptr {w.gep(ptr, start, STORAGE[v.dtype])} to i64")
+        operands.append((base, rs, cs))
+    for base, rs, cs in [*operands, (c, "%ldc", "1")]:
+        words += [base, *(["0"] * (r - 1)), rs, cs]
+    for i, word in enumerate(words):
+        w.store("i64", word, w.gep(block, str(i), "i64"), 8)
+    w.emit(f"call void @{name}_rows(i64 0, i64 %mr, ptr {block}, ptr null)")
+    return w.text()

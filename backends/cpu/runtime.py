@@ -1,0 +1,198 @@
+"""The CPU runtime: runs a fused module as a list of steps (docs/CPU_BACKEND.md).
+
+View ops become numpy views (no copy), `kernel.fused` ops run native kernels that read their
+operands through strides, a few data-movement ops have native kernels, and any other op runs the
+reference interpreter's numpy implementation (listed in `fallback`, so a user can see it). Kernel
+outputs live in the memory plan's arena; function results are fresh arrays.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmc.backends.reference.interpreter import IMPL, bind_symbols
+from lmc.errors import LmcError
+from lmc.ir.core import Func, Module, Op, Value
+from lmc.ir.types import eval_shape
+
+from .jit import HostTarget, default_engine
+from .kernels import build_kernel, native_op
+from .memory import Buffer, MemoryPlan
+
+VIEWS = frozenset(["tensor.reshape", "tensor.permute", "tensor.slice", "tensor.broadcast"])
+CONSTANTS = frozenset(["tensor.constant", "tensor.iota"])
+
+
+def run_view(op: Op, env: dict[str, int], x: np.ndarray) -> np.ndarray:
+    """A view op on a numpy array: numpy copies only a reshape its strides cannot express."""
+    if op.name == "tensor.permute":
+        return np.transpose(x, op.perm)
+    return IMPL[op.name](op, env, x)
+
+
+@dataclass
+class Step:
+    """One op of the function: operand slots → result slots, and how to run it. `planned` steps
+    write into preallocated outputs; the others return fresh arrays."""
+
+    op: Op
+    args: list[int]
+    outs: list[int]
+    fn: Callable
+    planned: bool
+    kind: str  # "view", "kernel", "native", "constant" or "fallback"
+
+
+class CpuExecutable:
+    """A fused module compiled for the CPU: call it with numpy arrays, get numpy arrays."""
+
+    def __init__(self, module: Module, target: HostTarget | None = None,
+                 threads: int | None = None):
+        self.module, self.target, self.threads = module, target, threads
+        self.func: Func = module.main
+        self._slots: dict[Value, int] = {}
+        for v in self.func.body.args:
+            self._slot(v)
+        self.steps = [self._build(op) for op in self.func.body.ops if op.name != "func.return"]
+        self.output_slots = [self._slots[v] for v in self.func.outputs]
+        self.plan = MemoryPlan(self._buffers(), sorted(self._input_symbols()))
+        self._last_use = self._last_uses()
+        self._lock = threading.Lock()  # the arena is per executable: one call at a time
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _slot(self, v: Value) -> int:
+        return self._slots.setdefault(v, len(self._slots))
+
+    def _build(self, op: Op) -> Step:
+        args = [self._slots[v] for v in op.operand_values]
+        outs = [self._slot(v) for v in op.result_values]
+        if op.name in VIEWS:
+            return Step(op, args, outs, run_view, False, "view")
+        if op.name == "kernel.fused":
+            fn = build_kernel(op, self.target, self.threads)
+            if fn is not None:
+                return Step(op, args, outs, fn, True, "kernel")
+        if op.name in CONSTANTS:  # data from attributes and sizes only: numpy makes it
+            return Step(op, args, outs, IMPL[op.name], False, "constant")
+        native = native_op(op, self.threads)
+        if native is not None:
+            return Step(op, args, outs, native, False, "native")
+        if op.name not in IMPL:
+            raise LmcError(f"the cpu backend cannot run {op.name} (at {op.loc}): no kernel and "
+                           "no interpreter implementation")
+        return Step(op, args, outs, IMPL[op.name], False, "fallback")
+
+    def _input_symbols(self) -> set[str]:
+        return {s for a in self.func.inputs for s in a.type.symbols()}
+
+    def _buffers(self) -> list[Buffer]:
+        """Planned outputs of kernel steps, with lifetimes extended through their views."""
+        root = {}  # slot → the slot of the buffer it views
+        for st in self.steps:
+            if st.kind == "view":
+                root[st.outs[0]] = root.get(st.args[0], st.args[0])
+        returned = {root.get(s, s) for s in self.output_slots}
+        known = self._input_symbols()
+        start, end, types = {}, {}, {}
+        for i, st in enumerate(self.steps):
+            for s in st.args:
+                end[root.get(s, s)] = i
+            if st.planned:
+                for s, v in zip(st.outs, st.op.result_values):
+                    if v.type.symbols() <= known and s not in returned:
+                        start[s], types[s] = i, v.type
+        return [Buffer(s, types[s], start[s], end.get(s, start[s])) for s in start]
+
+    def _last_uses(self) -> list[list[int]]:
+        """Per step, the slots whose last reader it is (freed after it, unless returned)."""
+        last: dict[int, int] = {}
+        for i, st in enumerate(self.steps):
+            for s in st.args:
+                last[s] = i
+        keep = set(self.output_slots)
+        frees: list[list[int]] = [[] for _ in self.steps]
+        for s, i in last.items():
+            if s not in keep:
+                frees[i].append(s)
+        return frees
+
+    # -- running ------------------------------------------------------------------------------
+
+    def report(self) -> dict:
+        kinds: dict[str, int] = {}
+        for st in self.steps:
+            key = st.op.kind if st.kind == "kernel" else st.kind
+            kinds[key] = kinds.get(key, 0) + 1
+        return {"steps": kinds, "fallback": [f"{st.op.name} at {st.op.loc}" for st in self.steps
+                                             if st.kind == "fallback"]}
+
+    def llvm_texts(self) -> list[str]:
+        """The LLVM IR module texts of every kernel this executable runs (each once)."""
+        return list(dict.fromkeys(t for st in self.steps for t in _llvm_texts(st.fn)))
+
+    def kernel_modules(self) -> list:
+        """The JIT modules (object code included) behind `llvm_texts()`, for artifacts."""
+        engine = default_engine(self.target)
+        return [engine.by_key[engine.key(t)] for t in self.llvm_texts()]
+
+    def artifacts(self) -> dict[str, str]:
+        """The LLVM IR of every kernel, as one readable listing (`cm.artifacts["llvm"]`)."""
+        texts = self.llvm_texts()
+        return {"llvm": "\n".join(texts)} if texts else {}
+
+    def peak_bytes(self, inputs: list[np.ndarray]) -> dict[str, int]:
+        """Arena bytes for these input sizes, and what the buffers would take without reuse."""
+        layout = self.plan.layout(self._env(inputs))
+        return {"arena_bytes": layout.nbytes, "without_reuse_bytes": layout.unshared_bytes}
+
+    def _env(self, inputs: list[np.ndarray]) -> dict[str, int]:
+        return bind_symbols([a.type for a in self.func.inputs], inputs)
+
+    def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        with self._lock:
+            return self._run(inputs)
+
+    def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        env = self._env(inputs)
+        layout = self.plan.layout(env)
+        vals: list[np.ndarray | None] = [None] * len(self._slots)
+        it = iter(inputs)
+        for a, kind in zip(self.func.body.args, self.func.arg_kinds):
+            vals[self._slots[a]] = next(it) if kind == "input" else self.module.params[a.name]
+        for st, frees in zip(self.steps, self._last_use):
+            self._run_step(st, vals, env, layout)
+            for s in frees:
+                vals[s] = None
+        return [vals[s] for s in self.output_slots]
+
+    def _run_step(self, st: Step, vals: list, env: dict[str, int], layout) -> None:
+        ins = [vals[s] for s in st.args]
+        try:
+            if st.planned:
+                outs = [layout.view(self.plan.buffers[s], env) if s in self.plan.buffers
+                        else _fresh(v, env) for s, v in zip(st.outs, st.op.result_values)]
+                st.fn(ins, outs, env)
+            else:
+                result = st.fn(st.op, env, *ins)
+                outs = list(result) if isinstance(result, tuple) else [result]
+        except LmcError:
+            raise
+        except Exception as exc:  # a kernel launcher bug: name the op and where it came from
+            raise LmcError(f"{st.op.name} at {st.op.loc} failed on the cpu backend: "
+                           f"{type(exc).__name__}: {exc}") from exc
+        for s, x in zip(st.outs, outs):
+            vals[s] = x
+
+
+def _llvm_texts(fn) -> list[str]:
+    """The LLVM IR modules behind a step's callable (launchers expose `llvm_modules()`)."""
+    get = getattr(fn, "llvm_modules", None)
+    return list(get()) if get is not None else []
+
+
+def _fresh(v: Value, env: dict[str, int]) -> np.ndarray:
+    return np.empty(eval_shape(v.type.shape, env), v.type.dtype.to_numpy())

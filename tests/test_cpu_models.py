@@ -1,0 +1,104 @@
+"""Every model of the core issue end to end on target="cpu": fused, compiled to native kernels,
+and matching eager PyTorch (fp32, ≤ 1e-4 relative) at two input sizes from one compile."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from models import MODELS
+from test_end_to_end import _flat
+from test_hf_models import SMALL, VOCAB, BertHidden, LogitsOnly, _ids
+
+import lmc
+from lmc.zoo import demo_models
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _compare(cm, model, inputs):
+    with torch.no_grad():
+        want = model(*inputs)
+    got = cm(*inputs)
+    assert type(got) is type(want)
+    for g, w in zip(_flat(got), _flat(want)):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=RTOL, atol=ATOL)
+
+
+def _native_share(cm) -> list[str]:
+    """The ops left to the interpreter (they must not include the heavy kinds)."""
+    fallback = cm.report["fallback"]
+    heavy = ("kernel.fused", "tensor.matmul", "tensor.attention", "moe.grouped_matmul")
+    assert not [f for f in fallback if f.startswith(heavy)], fallback
+    return fallback
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_on_cpu(name):
+    model, example, dynamic, other = MODELS[name]()
+    cm = lmc.compile(model, example, dynamic_shapes=dynamic, target="cpu")
+    for inputs in (example, other):
+        _compare(cm, model, inputs)
+    assert "define" in cm.artifacts["llvm"]
+    _native_share(cm)
+
+
+@pytest.mark.parametrize("index", range(3), ids=["tiny-gpt", "moe", "lora"])
+def test_zoo_models_on_cpu(index):
+    name, model, example, dynamic, second = demo_models()[index]
+    cm = lmc.compile(model, example, dynamic_shapes=dynamic, target="cpu")
+    for inputs in (example, second):
+        _compare(cm, model, inputs)
+    assert _native_share(cm) == [] or name == "moe"
+
+
+def _hf(kind: str, attn: str):
+    transformers = pytest.importorskip("transformers")
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2,
+                                      n_head=4, bos_token_id=0, eos_token_id=0,
+                                      attn_implementation=attn)
+        return LogitsOnly(transformers.GPT2LMHeadModel(cfg))
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, attn_implementation=attn)
+        return LogitsOnly(transformers.LlamaForCausalLM(cfg))
+    cfg = transformers.MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, attn_implementation=attn,
+                                     experts_implementation="batched_mm")
+    return LogitsOnly(transformers.MixtralForCausalLM(cfg))
+
+
+@pytest.mark.parametrize("kind,attn", [("gpt2", "eager"), ("llama", "sdpa"),
+                                       ("mixtral", "sdpa")])
+def test_hf_causal_lm_on_cpu(kind, attn):
+    torch.manual_seed(0)
+    model = _hf(kind, attn).eval()
+    T = torch.export.Dim("T", max=63)
+    cm = lmc.compile(model, (_ids(2, 7, 1),), dynamic_shapes={"input_ids": {1: T}},
+                     target="cpu")
+    for inputs in ((_ids(2, 7, 2),), (_ids(2, 12, 3),)):
+        _compare(cm, model, inputs)
+    _native_share(cm)
+
+
+def test_hf_bert_on_cpu():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = BertHidden(transformers.BertModel(transformers.BertConfig(**SMALL))).eval()
+
+    def inputs(b, t, seed):
+        mask = torch.ones(b, t, dtype=torch.long)
+        mask[0, t - 3:] = 0
+        return _ids(b, t, seed), mask
+    B, T = torch.export.Dim("B", max=16), torch.export.Dim("T", max=63)
+    spec = {"input_ids": {0: B, 1: T}, "attention_mask": {0: B, 1: T}}
+    cm = lmc.compile(model, inputs(2, 6, 1), dynamic_shapes=spec, target="cpu")
+    for x in (inputs(2, 6, 2), inputs(3, 13, 3)):
+        _compare(cm, model, x)
+
+
+def test_memory_plan_reuses_buffers():
+    _, model, example, dynamic, _ = demo_models()[0]
+    cm = lmc.compile(model, example, dynamic_shapes=dynamic, target="cpu")
+    peak = cm.executable.peak_bytes([example[0].numpy()])
+    assert 0 < peak["arena_bytes"] < peak["without_reuse_bytes"]
