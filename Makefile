@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test setup lint clean
+.PHONY: demo test setup lint bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=10
+
+# Speed is measured, never asserted in tests: lmc vs torch eager, torch.compile, onnxruntime.
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,cpu,bench]'
+	$(PY) bench/cpu.py --wait-quiet 120
 
 lint: $(STAMP)
 	$(PY) -m ruff check lmc frontends passes backends tests

@@ -292,8 +292,8 @@ def time_block(fn: Callable, n: int, retries: int) -> tuple[list[float], float, 
     Returns (times, others' cores in the kept block, blocks thrown away)."""
     for attempt in range(retries + 1):
         gc.collect()
-        time.sleep(PAUSE_S * (1 + 2 * attempt))
-        mon = CpuMonitor()
+        mon = CpuMonitor()   # from before the pause: /proc/stat counts 10 ms ticks, too coarse
+        time.sleep(PAUSE_S * (1 + 2 * attempt))   # for a block of a few 10 ms calls alone
         fn()   # untimed: wakes the tool's thread pool after the pause
         times = []
         for _ in range(n):

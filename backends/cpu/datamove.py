@@ -10,6 +10,7 @@ and returns; the launcher raises `IndexRangeError` naming the index.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Callable
 from itertools import pairwise
@@ -20,36 +21,82 @@ from lmc.errors import LmcError, ShapeError
 
 from .irtext import FunctionWriter
 from .jit import HostTarget, default_engine
-from .threads import cpu_threads, pool
+from .threads import _thread_scratch, cpu_threads, pool, range_task
 
 
 class IndexRangeError(LmcError):
     """An index tensor holds a value outside the axis it indexes."""
 
 
-# Waking the second core costs ~10-100 us (threads.py): split a copy only when each thread
-# moves at least this many bytes.
+# A copy is split over the cores only when each thread moves at least this many bytes: the
+# hand-off is ~10 us, and the other core reads from a cold cache.
 MIN_BYTES_PER_THREAD = 1 << 19
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# The range ABI (as loops.py kernels, threads.range_task): fn(start, end, args, scratch), the
+# other parameters i64 words of args.
+_RANGE = ctypes.CFUNCTYPE(None, _I64, _I64, _PTR, _PTR)
 # Top-k kernels: numpy dtype -> (LLVM type, is float). Unsigned types are left out: the
 # interpreter ranks them by -x, which wraps around.
 _RANKED = {np.dtype(np.float32): ("float", True), np.dtype(np.float64): ("double", True),
            np.dtype(np.int32): ("i32", False), np.dtype(np.int64): ("i64", False)}
 _FLOATS = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
-_compiled: dict[tuple, Callable] = {}
+_compiled: dict[tuple, tuple[Callable, int]] = {}
 _compiled_lock = threading.Lock()
 
 
-def _kernel(name: str, text: Callable[[], str], argtypes: list,
-            target: HostTarget | None) -> Callable:
-    """The ctypes function `name` of the module text() renders, compiled once per target."""
+def _kernel(name: str, text: Callable[[], str], target: HostTarget | None,
+            argtypes: list | None = None) -> tuple[Callable, int]:
+    """(ctypes function, address) of `name` in the module text() renders, compiled once per
+    target; a range-ABI kernel unless `argtypes` are given."""
     key = (name, target)
+    found = _compiled.get(key)
+    if found is not None:
+        return found
     with _compiled_lock:
         if key not in _compiled:
             module = default_engine(target).add_ir(name, text())
-            _compiled[key] = module.function(name, None, *argtypes)
+            address = module.engine.function_address(name)
+            fn = module.function(name, None, *argtypes) if argtypes else _RANGE(address)
+            _compiled[key] = fn, address
         return _compiled[key]
+
+
+def _range_writer(name: str, params: tuple[str, ...]) -> FunctionWriter:
+    """`void @name(i64 %start, i64 %end, ptr %args, ptr %scratch)` with its parameters loaded
+    from the i64 words of args as %name ('*name': a pointer); the last one is '*status'."""
+    w = FunctionWriter(f"void @{name}(i64 %start, i64 %end, ptr %args, ptr %scratch)")
+    for i, param in enumerate(params):
+        bare = param.lstrip("*")
+        w.emit(f"%{bare}.a = getelementptr i64, ptr %args, i64 {i}")
+        if param.startswith("*"):
+            w.emit(f"%{bare}.w = load i64, ptr %{bare}.a, align 8")
+            w.emit(f"%{bare} = inttoptr i64 %{bare}.w to ptr")
+        else:
+            w.emit(f"%{bare} = load i64, ptr %{bare}.a, align 8")
+    return w
+
+
+def _run_ranges(kernel: tuple[Callable, int], parts: list[tuple[int, int]], words: list[int],
+                scratch_bytes: int = 0) -> int | None:
+    """The kernel on each range, the first here and the others natively on pool workers, with
+    args = words + a status word per range; the first bad position any range reports."""
+    fn, address = kernel
+    status = np.full(len(parts), -1, np.int64)
+    args = np.array([[*words, status.ctypes.data + 8 * t] for t in range(len(parts))],
+                    np.int64)
+    base, row = args.ctypes.data, args.strides[0]
+    first = parts[0]
+
+    def here() -> None:
+        fn(first[0], first[1], base, _thread_scratch(scratch_bytes) if scratch_bytes else None)
+
+    if len(parts) == 1:
+        here()
+    else:
+        pool().run([here] + [range_task(address, start, end, base + row * t, scratch_bytes)
+                             for t, (start, end) in enumerate(parts) if t])
+    return _first_bad(status)
 
 
 def _fail(w: FunctionWriter, position: str) -> None:
@@ -69,20 +116,13 @@ def _ranges(n: int, nbytes: int, threads: int | None) -> list[tuple[int, int]]:
     return list(pairwise(n * t // parts for t in range(parts + 1)))
 
 
-def _run(jobs: list[Callable[[], None]]) -> None:
-    if len(jobs) == 1:
-        jobs[0]()
-    else:
-        pool().run(jobs)
-
-
 def _position(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(flat, shape))
 
 
 def _first_bad(status: np.ndarray) -> int | None:
-    bad = status[status >= 0]
-    return int(bad.min()) if bad.size else None
+    bad = [v for v in status.tolist() if v >= 0]  # one word per thread: cheaper than numpy
+    return min(bad) if bad else None
 
 
 def _strides(x: np.ndarray) -> tuple[int, ...] | None:
@@ -94,6 +134,8 @@ def _strides(x: np.ndarray) -> tuple[int, ...] | None:
 
 def _matrix(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """x as a 2-D [rows, cols] view with element strides (a copy only when none exists)."""
+    if x.flags.c_contiguous:
+        return x.reshape(rows, cols)
     try:
         view = np.reshape(x, (rows, cols), copy=False)
     except ValueError:
@@ -120,13 +162,14 @@ def _result(out: np.ndarray | None, shape: tuple[int, ...], dtype, what: str) ->
 # -- row copies: tensor.take (axis 0) and moe.gather --
 
 
+ROWS_PARAMS = ("*idx", "istride", "div", "wrap", "*x", "rows", "rsx", "csx", "*out", "rso",
+               "cso", "d", "size", "*status")
+
+
 def _render_rows(name: str, ty: str) -> str:
     """out[i] = x[v / div] for i in [start, end), v = idx[i] (+ rows*div if negative and
     `wrap`); v outside [0, rows*div) fails. Unit-stride rows are one memcpy each."""
-    w = FunctionWriter(
-        f"void @{name}(i64 %start, i64 %end, ptr %idx, i64 %istride, i64 %div, i64 %wrap, "
-        f"ptr %x, i64 %rows, i64 %rsx, i64 %csx, ptr %out, i64 %rso, i64 %cso, i64 %d, "
-        f"i64 %size, ptr %status)")
+    w = _range_writer(name, ROWS_PARAMS)
     limit = w.op("mul", "%rows", "%div")
     unit = w.op("and", w.value("icmp eq i64 %csx, 1"), w.value("icmp eq i64 %cso, 1"), "i1")
     nbytes = w.op("mul", "%d", "%size")
@@ -156,7 +199,7 @@ def _copy_rows(x: np.ndarray, idx: np.ndarray, div: int, wrap: bool, out: np.nda
     """out[i] = x[row(idx[i])] on the cores; the first bad position in idx, or None."""
     if x.itemsize not in (1, 2, 4, 8):
         raise ShapeError(f"no row-copy kernel for {x.dtype} ({x.itemsize}-byte elements)")
-    d = int(np.prod(x.shape[1:], dtype=np.int64))
+    d = math.prod(x.shape[1:])
     flat = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
     x2, out2 = _matrix(x, x.shape[0], d), _matrix(out, flat.size, d)
     if out2.size and not np.may_share_memory(out2, out):  # out has no 2-D view: a temporary
@@ -165,19 +208,11 @@ def _copy_rows(x: np.ndarray, idx: np.ndarray, div: int, wrap: bool, out: np.nda
         return bad
     ty = f"i{8 * x.itemsize}"
     name = f"lmc_dm_rows_{ty}"
-    fn = _kernel(name, lambda: _render_rows(name, ty), [_I64, _I64, _PTR, _I64, _I64, _I64,
-                 _PTR, _I64, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR], target)
+    kernel = _kernel(name, lambda: _render_rows(name, ty), target)
     parts = _ranges(flat.size, flat.size * d * x.itemsize, threads)
-    status = np.full(len(parts), -1, np.int64)
-    (rsx, csx), (rso, cso) = _strides(x2), _strides(out2)
-
-    def job(t: int) -> None:
-        start, end = parts[t]
-        fn(start, end, flat.ctypes.data, 1, div, int(wrap), x2.ctypes.data, x2.shape[0], rsx,
-           csx, out2.ctypes.data, rso, cso, d, x.itemsize, status[t:].ctypes.data)
-
-    _run([lambda t=t: job(t) for t in range(len(parts))])
-    return _first_bad(status)
+    return _run_ranges(kernel, parts, [flat.ctypes.data, 1, div, int(wrap), x2.ctypes.data,
+                                       x2.shape[0], *_strides(x2), out2.ctypes.data,
+                                       *_strides(out2), d, x.itemsize])
 
 
 def take_rows(x: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None, *,
@@ -250,8 +285,8 @@ def moe_route(topk_idx: np.ndarray, num_experts: int, *,
     perm, offsets = np.empty(flat.size, np.int64), np.empty(num_experts + 1, np.int64)
     cursor, status = np.empty(max(num_experts, 1), np.int64), np.full(1, -1, np.int64)
     name = "lmc_dm_route"
-    fn = _kernel(name, lambda: _render_route(name), [_I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR],
-                 target)
+    fn, _ = _kernel(name, lambda: _render_route(name), target,
+                    [_I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR])
     fn(flat.size, flat.ctypes.data, num_experts, perm.ctypes.data, offsets.ctypes.data,
        cursor.ctypes.data, status.ctypes.data)
     bad = _first_bad(status)
@@ -265,13 +300,11 @@ def moe_route(topk_idx: np.ndarray, num_experts: int, *,
 
 
 def _render_combine(name: str, ty: str) -> str:
-    """Rows [n0, n1) of out = sum over j in perm order of y[j] * w.flat[perm[j]] where
+    """Rows [start, end) of out = sum over j in perm order of y[j] * w.flat[perm[j]] where
     perm[j] / k is the row: every thread scans all of perm, so the order is np.add.at's."""
-    w = FunctionWriter(
-        f"void @{name}(i64 %n0, i64 %n1, i64 %m, ptr %perm, i64 %k, i64 %nk, ptr %y, "
-        f"i64 %rsy, i64 %csy, ptr %w, i64 %rsw, i64 %csw, ptr %out, i64 %rso, i64 %cso, "
-        f"i64 %d, ptr %status)")
-    with w.loop("%n0", "%n1", 1, "z") as r:
+    w = _range_writer(name, ("m", "*perm", "k", "nk", "*y", "rsy", "csy", "*w", "rsw", "csw",
+                             "*out", "rso", "cso", "d", "*status"))
+    with w.loop("%start", "%end", 1, "z") as r:
         row = w.gep("%out", w.op("mul", r, "%rso"), ty)
         with w.loop("0", "%d", 1, "zc") as c:
             w.store(ty, "0.0", w.gep(row, w.op("mul", c, "%cso"), ty))
@@ -283,8 +316,8 @@ def _render_combine(name: str, ty: str) -> str:
         with w.if_(bad, "bad"):
             _fail(w, j)
         r, slot = w.op("udiv", p, "%k"), w.op("urem", p, "%k")
-        mine = w.op("and", w.value(f"icmp sge i64 {r}, %n0"), w.value(f"icmp slt i64 {r}, %n1"),
-                    "i1")
+        mine = w.op("and", w.value(f"icmp sge i64 {r}, %start"),
+                    w.value(f"icmp slt i64 {r}, %end"), "i1")
         with w.if_(mine, "mine"):
             at = w.op("add", w.op("mul", r, "%rsw"), w.op("mul", slot, "%csw"))
             weight = w.load(ty, w.gep("%w", at, ty))
@@ -324,18 +357,11 @@ def moe_combine(y: np.ndarray, perm: np.ndarray, weights: np.ndarray, *,
     flat = np.ascontiguousarray(perm, dtype=np.int64)
     ty = _FLOATS[y.dtype]
     name = f"lmc_dm_combine_{ty}"
-    fn = _kernel(name, lambda: _render_combine(name, ty), [_I64, _I64, _I64, _PTR, _I64, _I64,
-                 _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _PTR], target)
-    parts = _ranges(n, y.nbytes, threads)
-    status = np.full(len(parts), -1, np.int64)
-    (rsy, csy), (rsw, csw), (rso, cso) = _strides(y), _strides(weights), _strides(work)
-
-    def job(t: int) -> None:
-        fn(*parts[t], flat.size, flat.ctypes.data, k, n * k, y.ctypes.data, rsy, csy,
-           weights.ctypes.data, rsw, csw, work.ctypes.data, rso, cso, d, status[t:].ctypes.data)
-
-    _run([lambda t=t: job(t) for t in range(len(parts))])
-    bad = _first_bad(status)
+    kernel = _kernel(name, lambda: _render_combine(name, ty), target)
+    bad = _run_ranges(kernel, _ranges(n, y.nbytes, threads),
+                      [flat.size, flat.ctypes.data, k, n * k, y.ctypes.data, *_strides(y),
+                       weights.ctypes.data, *_strides(weights), work.ctypes.data,
+                       *_strides(work), d])
     if bad is not None:
         raise IndexRangeError(f"moe.combine: perm[{bad}] = {flat[bad]} is outside [0, {n * k})")
     if work is not out:
@@ -399,20 +425,23 @@ def _render_sift(name: str, ty: str, better: Callable) -> str:
 
 
 def _render_topk(name: str, ty: str, is_float: bool, largest: bool) -> str:
-    """Rows [r0, r1): heapify the first k, keep any later element that ranks before the root,
+    """Rows [start, end): heapify the first k, keep any later element that ranks before the root,
     then pop worst-first into the back of the output row (best first, like the sort)."""
     sift = name + "_sift"
 
     def better(w: FunctionWriter, a, b) -> str:
         return _better(w, ty, is_float, largest, a, b)
 
-    w = FunctionWriter(f"void @{name}(i64 %r0, i64 %r1, ptr %x, i64 %rsx, i64 %csx, i64 %n, "
-                       f"i64 %k, ptr %vals, ptr %inds, i64 %rso, ptr %hv, ptr %hi)")
+    w = _range_writer(name, ("*x", "rsx", "csx", "n", "k", "*vals", "*inds", "rso", "hoff",
+                             "*status"))
+    # The heap lives in the scratch memory: k values, then k indices at byte offset hoff.
+    w.emit("%hv = getelementptr i8, ptr %scratch, i64 0")
+    w.emit("%hi = getelementptr i8, ptr %scratch, i64 %hoff")
 
     def call_sift(size: str, start: str) -> None:
         w.emit(f"call void @{sift}(ptr %hv, ptr %hi, i64 {size}, i64 {start})")
 
-    with w.loop("%r0", "%r1", 1, "r") as r:
+    with w.loop("%start", "%end", 1, "r") as r:
         row = w.gep("%x", w.op("mul", r, "%rsx"), ty)
         with w.loop("0", "%k", 1, "fill") as i:
             w.store(ty, w.load(ty, w.gep(row, w.op("mul", i, "%csx"), ty)), w.gep("%hv", i, ty))
@@ -456,15 +485,10 @@ def topk(x: np.ndarray, k: int, largest: bool = True, *, threads: int | None = N
     x2 = _matrix(x, values.size // k, n)
     ty, is_float = _RANKED[x.dtype]
     name = f"lmc_dm_topk_{ty}_{'largest' if largest else 'smallest'}"
-    fn = _kernel(name, lambda: _render_topk(name, ty, is_float, largest),
-                 [_I64, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR], target)
-    parts = _ranges(x2.shape[0], x2.shape[0] * n * x.itemsize, threads)
-    rsx, csx = _strides(x2)
-
-    def job(t: int) -> None:
-        heap_v, heap_i = np.empty(k, x.dtype), np.empty(k, np.int64)
-        fn(*parts[t], x2.ctypes.data, rsx, csx, n, k, values.ctypes.data, indices.ctypes.data,
-           k, heap_v.ctypes.data, heap_i.ctypes.data)
-
-    _run([lambda t=t: job(t) for t in range(len(parts))])
+    kernel = _kernel(name, lambda: _render_topk(name, ty, is_float, largest), target)
+    rows = values.size // k
+    hoff = -(-k * x.itemsize // 8) * 8
+    _run_ranges(kernel, _ranges(rows, rows * n * x.itemsize, threads),
+                [x2.ctypes.data, *_strides(x2), n, k, values.ctypes.data, indices.ctypes.data, k,
+                 hoff], scratch_bytes=hoff + 8 * k)
     return values, indices

@@ -176,8 +176,7 @@ class JitEngine:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         # MCJIT wants an owning module to start from; an empty one does.
         self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.target_machine)
-        self._captured: dict[str, bytes] = {}
-        self._engine.set_object_cache(self._notify_object, lambda module: None)
+        self._tls = threading.local()  # a target machine per compiling thread
         self._lock = threading.RLock()
         self.modules: dict[str, CompiledModule] = {}   # by module name (the latest of a name)
         self.by_key: dict[str, CompiledModule] = {}
@@ -197,29 +196,62 @@ class JitEngine:
 
     def add_ir(self, name: str, llvm_ir: str) -> CompiledModule:
         """The module for `llvm_ir`: from memory, registered objects, the disk cache, or else
-        parsed, verified, optimized (O3) and machine-compiled (then stored in the cache)."""
+        parsed, verified, optimized (O3) and machine-compiled (then stored in the cache).
+
+        Thread-safe. The compile itself runs outside the engine lock, but llvmlite serializes
+        every LLVM call of a process with its own lock, so threads do not compile in parallel
+        (see docs/NOTES.md)."""
         key = self.key(llvm_ir)
         with self._lock:
-            if key in self.by_key:
-                self.stats["memory"] += 1
+            found = self._lookup(name, llvm_ir, key)
+        if found is not None:
+            return found
+        obj, optimized = self._codegen(name, llvm_ir)
+        with self._lock:
+            if key in self.by_key:  # another thread compiled the same text meanwhile
                 return self.by_key[key]
-            symbols = exported_symbols(llvm_ir)
-            self._check_symbols(name, symbols)
-            obj, source = self._registered.pop(key, None), "registered"
-            if obj is None:
-                obj, source = self._read_cache(key), "disk"
-            if obj is not None:
-                self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
-                self._engine.finalize_object()
-                compiled = CompiledModule(name, llvm_ir, key, obj, symbols, source, self)
-            else:
-                compiled = self._compile(name, llvm_ir, key, symbols)
-                source = "compiled"
-                self._write_cache(key, compiled.object_code)
-            self.stats[source] += 1
-            self.modules[name] = self.by_key[key] = compiled
-            self._symbols.update(dict.fromkeys(symbols, compiled))
-            return compiled
+            compiled = self._load(name, llvm_ir, key, obj, "compiled", optimized)
+        self._write_cache(key, obj)
+        return compiled
+
+    def _lookup(self, name: str, llvm_ir: str, key: str) -> CompiledModule | None:
+        """Under the lock: the module if it is loaded or its object code is at hand."""
+        if key in self.by_key:
+            self.stats["memory"] += 1
+            return self.by_key[key]
+        self._check_symbols(name, exported_symbols(llvm_ir))
+        obj, source = self._registered.pop(key, None), "registered"
+        if obj is None:
+            obj, source = self._read_cache(key), "disk"
+        return None if obj is None else self._load(name, llvm_ir, key, obj, source)
+
+    def _load(self, name: str, llvm_ir: str, key: str, obj: bytes, source: str,
+              optimized: str | None = None) -> CompiledModule:
+        symbols = exported_symbols(llvm_ir)
+        self._check_symbols(name, symbols)
+        self._engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        self._engine.finalize_object()
+        compiled = CompiledModule(name, llvm_ir, key, obj, symbols, source, self, optimized)
+        self.stats[source] += 1
+        self.modules[name] = self.by_key[key] = compiled
+        self._symbols.update(dict.fromkeys(symbols, compiled))
+        return compiled
+
+    def _codegen(self, name: str, llvm_ir: str) -> tuple[bytes, str]:
+        """Parse → verify → O3 → object code, with this thread's own target machine."""
+        module = self._parse(name, llvm_ir)
+        self._optimize(module, self._thread_machine())
+        optimized = str(module)
+        return self._thread_machine().emit_object(module), optimized
+
+    def _thread_machine(self):
+        tm = getattr(self._tls, "machine", None)
+        if tm is None:
+            tm = self._tls.machine = llvm.Target.from_triple(
+                llvm.get_process_triple()).create_target_machine(
+                cpu=self.target.cpu, features=self.target.features, opt=self.opt_level,
+                reloc="default", codemodel="jitdefault")
+        return tm
 
     def _check_symbols(self, name: str, symbols: tuple[str, ...]) -> None:
         """Modules are unique by content, so a name another module exports is a second
@@ -230,24 +262,6 @@ class JitEngine:
                 raise JitError(f"module '{name}' defines '{sym}', which module '{other.name}' "
                                "already defines with different code; one engine resolves a "
                                "name to one definition, so generated names must be unique")
-
-    def _compile(self, name: str, llvm_ir: str, key: str,
-                 symbols: tuple[str, ...]) -> CompiledModule:
-        """Parse → verify → O3 → MCJIT codegen; the object code comes from the notify hook."""
-        module = self._parse(name, llvm_ir)
-        self._optimize(module)
-        optimized = str(module)
-        self._engine.add_module(module)
-        self._engine.finalize_object()
-        self._engine.run_static_constructors()
-        obj = self._captured.pop(name, None)
-        self._captured.clear()  # e.g. the empty owning module, compiled on the first finalize
-        if obj is None:
-            raise JitError(f"MCJIT compiled module '{name}' without reporting its object code")
-        return CompiledModule(name, llvm_ir, key, obj, symbols, "compiled", self, optimized)
-
-    def _notify_object(self, module, buffer: bytes) -> None:
-        self._captured[module.name] = buffer
 
     def _parse(self, name: str, llvm_ir: str):
         try:
@@ -308,12 +322,12 @@ class JitEngine:
         self._optimize(module)
         return self.target_machine.emit_assembly(module)
 
-    def _optimize(self, module) -> None:
+    def _optimize(self, module, machine=None) -> None:
         pto = llvm.create_pipeline_tuning_options(speed_level=self.opt_level)
         pto.loop_vectorization = True
         pto.slp_vectorization = True
         pto.loop_unrolling = True
-        builder = llvm.create_pass_builder(self.target_machine, pto)
+        builder = llvm.create_pass_builder(machine or self.target_machine, pto)
         builder.getModulePassManager().run(module, builder)
 
 

@@ -55,12 +55,17 @@ class AttentionLauncher:
     target: HostTarget | None
     threads: int | None
 
-    def llvm_modules(self) -> list[str]:
+    def __post_init__(self) -> None:
         from .attention import compile_attention
         mask = self.att.mask
         kind = "none" if mask is None else "bool" if mask.dtype is DType.bool else "additive"
         d, dv = self.att.q.shape[-1], self.att.v.shape[-1]
-        return [compile_attention(d, dv, kind, self.target).llvm_ir]
+        if isinstance(d, int) and isinstance(dv, int):  # compiled now, not on the first call
+            self.kernel = compile_attention(d, dv, kind, self.target)
+
+    def llvm_modules(self) -> list[str]:
+        kernel = getattr(self, "kernel", None)
+        return [kernel.llvm_ir] if kernel is not None else []
 
     def __call__(self, ins, outs, env) -> None:
         from .attention import attention
@@ -146,14 +151,30 @@ class GemmLauncher:
     split: _Split = field(init=False)
 
     def __post_init__(self) -> None:
-        from .gemm import TileEpilogue
-        from .loops import compile_loop_kernel, render_tile_epilogue
+        from .gemm import compile_gemm
         self.split = s = split_body(self.op.body, self.anchor_name)
         self.result = self.op.body.terminator.operand_values[0]
         self.tile = self.in_place = None
         self.modules: list[str] = []
-        if not s.epilogue:
-            return
+        if s.epilogue:
+            self._epilogue(s)
+        self.packed = None  # the anchor's constant weight, packed once (`prepack`)
+        self.kernel = None
+        if self._two_d():  # compiled now, not on the first call
+            self.kernel = compile_gemm(None, (), self.target, self.tile)
+            self.modules.insert(0, self.kernel.llvm_ir)
+
+    def prepack(self, arg: int, weight: np.ndarray) -> None:
+        """Body argument `arg` is this constant array: if it is the anchor's weight, pack it
+        into GEMM panels now, so that no call packs it again."""
+        from .threads import prepack_b
+        weight_arg = self.split.anchor.operand_values[1]
+        if self.kernel is not None and self.op.body.args[arg] is weight_arg:
+            self.packed = prepack_b(weight, kernel=self.kernel)
+
+    def _epilogue(self, s: _Split) -> None:
+        from .gemm import TileEpilogue
+        from .loops import compile_loop_kernel, render_tile_epilogue
         a = s.anchor
         if self._two_d():
             operands = list(a.operand_values)
@@ -173,9 +194,6 @@ class GemmLauncher:
         return self.anchor_name == "moe.grouped_matmul" or (w.type.rank == 2 and x.type.rank >= 2)
 
     def llvm_modules(self) -> list[str]:
-        from .gemm import compile_gemm
-        if self.tile is not None or not self.modules:
-            return [compile_gemm(None, (), self.target, self.tile).llvm_ir, *self.modules]
         return self.modules
 
     def __call__(self, ins, outs, env) -> None:
@@ -202,17 +220,23 @@ class GemmLauncher:
     def _gemm(self, g: Op, vals, out, epi_args: int, alpha: float = 1.0):
         from .threads import batched_sgemm, grouped_sgemm, sgemm
         x, w = vals[g.operand_values[0]], vals[g.operand_values[1]]
+        if g is self.split.anchor and self.packed is not None:
+            w = self.packed
         tile = self.tile if out is not None and epi_args else None
         opts = {"threads": self.threads, "target": self.target}
         if g.name == "moe.grouped_matmul":
             return grouped_sgemm(x, w, vals[g.operand_values[2]], out=out, tile_epilogue=tile,
                                  epi_args=epi_args, **opts)
-        if w.ndim != 2 or x.ndim < 2:
+        if isinstance(w, np.ndarray) and (w.ndim != 2 or x.ndim < 2):
             out = batched_sgemm(x, w, out=out, **opts)
             return out * np.float32(alpha) if alpha != 1.0 else out
-        out = np.empty(x.shape[:-1] + (w.shape[1],), np.float32) if out is None else out
-        sgemm(x.reshape(-1, x.shape[-1]), w, out=out.reshape(-1, w.shape[1]), alpha=alpha,
-              tile_epilogue=tile, epi_args=epi_args, **opts)
+        n = w.n if not isinstance(w, np.ndarray) else w.shape[1]
+        out = np.empty(x.shape[:-1] + (n,), np.float32) if out is None else out
+        flat = out.reshape(-1, n)
+        if not np.shares_memory(flat, out):  # a reshape that copied would lose the result
+            raise ValueError("the matmul output must be contiguous")
+        sgemm(x.reshape(-1, x.shape[-1]), w, out=flat, alpha=alpha, tile_epilogue=tile,
+              epi_args=epi_args, **opts)
         return out
 
 

@@ -44,7 +44,7 @@ from . import emit
 from .emit import EMIT, STORAGE, EmitError, vtype
 from .irtext import FunctionWriter
 from .jit import HostTarget, default_engine
-from .threads import CorePool, cpu_threads
+from .threads import CorePool, cpu_threads, range_task
 from .threads import pool as core_pool
 
 REDUCE_KIND = {"tensor.sum": "sum", "tensor.mean": "sum", "tensor.max": "max",
@@ -635,18 +635,21 @@ def compile_loop_kernel(op: Op, target: HostTarget | None = None,
     lanes = lanes or default_lanes(engine.target)
     text = canonical_text(op)
     key = (text, target, lanes)
+    kernel = _kernels.get(key)
+    if kernel is not None:
+        return kernel
+    # Compiled outside the lock: a kernel being compiled must not block lookups of compiled
+    # ones (the engine dedups a text that two threads compile at once).
+    plan = Plan(op)
+    name = f"lmc_loop_{hashlib.sha1(f'{text}|{lanes}'.encode()).hexdigest()[:16]}"
+    ir = emit.module_text([f"; {op.kind} kernel, {lanes} lanes\n; " +
+                           text.replace("\n", "\n; "),
+                           _LoopWriter(plan, name, lanes).render()], {lanes})
+    module = engine.add_ir(name, ir)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = module.function(name, None, i64, i64, ptr, ptr)
     with _kernels_lock:
-        if key not in _kernels:
-            plan = Plan(op)
-            name = f"lmc_loop_{hashlib.sha1(f'{text}|{lanes}'.encode()).hexdigest()[:16]}"
-            ir = emit.module_text([f"; {op.kind} kernel, {lanes} lanes\n; " +
-                                   text.replace("\n", "\n; "),
-                                   _LoopWriter(plan, name, lanes).render()], {lanes})
-            module = engine.add_ir(name, ir)
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            fn = module.function(name, None, i64, i64, ptr, ptr)
-            _kernels[key] = LoopKernel(plan, name, ir, lanes, fn)
-        return _kernels[key]
+        return _kernels.setdefault(key, LoopKernel(plan, name, ir, lanes, fn))
 
 
 # ---- launch ------------------------------------------------------------------------------------
@@ -727,6 +730,7 @@ class LoopKernel:
 
     def __post_init__(self) -> None:
         """What every launch needs, precomputed: small kernels are launch-bound."""
+        self._address = ctypes.cast(self.fn, ctypes.c_void_p).value
         p = self.plan
         self._dtypes = [o.value.dtype.to_numpy() for o in p.operands]
         self._shapes = [o.value.shape for o in p.operands]
@@ -775,11 +779,10 @@ class LoopKernel:
             words[self._ptr_words[j]] = a.ctypes.data
         work = lay.rows * max(lay.L, 1) * self._work
         n = max(1, min(threads or _cores(), work // MIN_WORK_PER_THREAD))
-        jobs = self._jobs(lay, words, address, arrays, n)
-        if len(jobs) == 1:
-            jobs[0]()
+        if n == 1:
+            self._call(address, 0, lay.rows, lay.L)
         else:
-            (pool or core_pool()).run(jobs)
+            (pool or core_pool()).run(self._jobs(lay, words, address, arrays, n))
         for dst, tmp in back:
             dst[...] = tmp
 
@@ -860,12 +863,15 @@ class LoopKernel:
         return [self._job(address, bounds[t], bounds[t + 1], L, words) for t in range(n)]
 
     def _job(self, address: int, start: int, end: int, L: int, keep: np.ndarray):
-        """A job; `keep` is the args block at `address`, alive until the job has run."""
+        """A native job (a pool worker starts it in ~13 us, a Python job in ~90 us); `keep` is
+        the args block at `address`, alive until the job has run."""
         nbytes = self._scratch_bytes * (-(-L // self.lanes) * self.lanes)
+        return range_task(self._address, start, end, address, nbytes, keep)
 
-        def job(keep: np.ndarray = keep) -> None:
-            self.fn(start, end, address, _scratch(nbytes))
-        return job
+    def _call(self, address: int, start: int, end: int, L: int) -> None:
+        """Run rows [start, end) here, in the calling thread."""
+        self.fn(start, end, address, _scratch(self._scratch_bytes * (-(-L // self.lanes)
+                                                                     * self.lanes)))
 
 
 _core_count: list[int] = []

@@ -50,8 +50,11 @@ class CpuExecutable:
     """A fused module compiled for the CPU: call it with numpy arrays, get numpy arrays."""
 
     def __init__(self, module: Module, target: HostTarget | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, prepack: bool = True):
+        # prepack: weights are fixed for the executable's life, so kernels may prepare them
+        # once (GEMM panels); a trainer that updates weights in place passes False.
         self.module, self.target, self.threads = module, target, threads
+        self.prepack = prepack
         self.func: Func = module.main
         self._slots: dict[Value, int] = {}
         for v in self.func.body.args:
@@ -75,6 +78,9 @@ class CpuExecutable:
         if op.name == "kernel.fused":
             fn = build_kernel(op, self.target, self.threads)
             if fn is not None:
+                if self.prepack and hasattr(fn, "prepack"):
+                    for i, weight in self._constant_operands(op):
+                        fn.prepack(i, weight)
                 return Step(op, args, outs, fn, True, "kernel")
         if op.name in CONSTANTS:  # data from attributes and sizes only: numpy makes it
             return Step(op, args, outs, IMPL[op.name], False, "constant")
@@ -85,6 +91,23 @@ class CpuExecutable:
             raise LmcError(f"the cpu backend cannot run {op.name} (at {op.loc}): no kernel and "
                            "no interpreter implementation")
         return Step(op, args, outs, IMPL[op.name], False, "fallback")
+
+    def _constant_operands(self, op: Op) -> list[tuple[int, np.ndarray]]:
+        """(operand index, array) for operands that are weights seen through static views
+        (a Linear's `permute(W)`): the kernel may prepare them once (e.g. pack GEMM panels)."""
+        kinds = dict(zip(self.func.body.args, self.func.arg_kinds))
+        out = []
+        for i, v in enumerate(op.operand_values):
+            chain = []
+            while v.op is not None and v.op.name in VIEWS and v.type.is_static:
+                chain.append(v.op)
+                v = v.op.operand_values[0]
+            if v.op is None and kinds.get(v) in ("param", "buffer"):
+                array = self.module.params[v.name]
+                for view in reversed(chain):
+                    array = run_view(view, {}, array)
+                out.append((i, array))
+        return out
 
     def _input_symbols(self) -> set[str]:
         return {s for a in self.func.inputs for s in a.type.symbols()}

@@ -1,10 +1,11 @@
 """Multi-core GEMM launchers: 2-D (`sgemm`), grouped for mixture-of-experts (`grouped_sgemm`),
 batched (`batched_sgemm`), and `prepack_b` for constant weights.
 
-A persistent pool runs one thread pinned per core; each thread gets a list of job records (a
+A persistent pool runs one thread pinned per core. Each thread gets a list of job records (a
 block of C of one matrix each, see gemm.JOB_FIELDS) and runs them with one native call, with its
-own packed-panel buffers. The kernel is a ctypes CFUNCTYPE, which releases the GIL, so the Python
-threads really run in parallel.
+own packed-panel buffers. Kernels are ctypes CFUNCTYPEs, which release the GIL, so the threads
+really run in parallel; workers run GEMM shares as native tasks (`NativeTask`) and poll for the
+next one for a while, so a hand-off takes microseconds, not a futex wake-up.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ from .gemm import (
 )
 from .jit import HostTarget
 
-# Waking a worker on the other core costs ~10-100 us on this VM, and the second core starts with
-# cold caches, so each thread needs ~100+ us of work: at 256^3 (16M MACs) 2 threads measured 140
-# GFLOP/s against 185 for one with AVX-512. Scaled by vector width (AVX2 does half per second).
-MIN_MACS_PER_THREAD_PER_LANE = 1 << 20
+# A native hand-off to a polling worker costs ~10 us, but the second core starts with cold
+# caches: with AVX2, 2 threads measured 1.24x one at 8M MACs, 0.96x at 4M (a futex wake-up, the
+# pool's old hand-off, cost 10-400 us and needed 16M). Scaled by vector width.
+MIN_MACS_PER_THREAD_PER_LANE = 1 << 19
 F32 = 4  # bytes
 
 _local = threading.local()
@@ -53,6 +54,8 @@ except (OSError, AttributeError):  # not glibc/Linux: no preference of core
 def _current_cpu() -> int:
     return _sched_getcpu() if _sched_getcpu else -1
 
+
+# -- the core pool --
 
 # Control block of one worker, i64 words; `done` and `waiting` sit on cache lines of their own.
 POSTED, SEEN, FN, ARG, SCRATCH, DONE, WAITING, CTL_WORDS = 0, 1, 2, 3, 4, 8, 16, 24
@@ -614,15 +617,16 @@ def _column_operands(bias, n: int, epilogue) -> list[np.ndarray]:
 
 
 def prepack_b(b: np.ndarray, trans_b: bool = False, config: GemmConfig | None = None,
-              target: HostTarget | None = None) -> PackedB:
+              target: HostTarget | None = None, kernel: GemmKernel | None = None) -> PackedB:
     """B [K, N] ([N, K] with trans_b), or a stack [E, K, N] of expert weights, packed once into
-    the panels of `config`'s kernel (default: the target's) for `sgemm` / `grouped_sgemm`."""
+    the panels of `config`'s kernel (default: the target's) for `sgemm` / `grouped_sgemm`.
+    `kernel`: a compiled GEMM of that config to pack with (saves compiling a plain one)."""
     b = _as_f32(b)
     if b.ndim not in (2, 3):
         raise ShapeError(f"prepack_b takes [K, N] or [E, K, N], got {b.shape}")
     if trans_b:
         b = np.swapaxes(b, -1, -2)
-    kernel = compile_gemm(config, (), target)
+    kernel = kernel or compile_gemm(config, (), target)
     cfg = kernel.config
     *batch, k, n = b.shape
     panels = -(-n // cfg.nr) * cfg.nr * k
