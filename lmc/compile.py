@@ -173,12 +173,19 @@ class CompiledModel:
             check_derived_dims(i, arg.name, arg.type, arr, env)
         return arrays, is_torch
 
+    def _fresh(self, o: np.ndarray) -> bool:
+        """An output array made for this call alone, so torch may take it without a copy.
+        Anything else is copied: a read-only view (a broadcast), a view of an input or of the
+        arena, or a weight the model returns as is (np.array also keeps 0-d arrays 0-d)."""
+        f = o.flags
+        return f.owndata and f.c_contiguous and f.writeable and o.ndim > 0 and not any(
+            o is w for w in self.module.params.values())
+
     def _pack(self, outs: list[np.ndarray], is_torch: bool):
         if is_torch:
             import torch
-            # np.array copies: outputs may be read-only views (broadcasts), and unlike
-            # np.ascontiguousarray it keeps 0-d arrays 0-d (a scalar loss stays a scalar).
-            outs = [torch.from_numpy(np.array(o, order="C")) for o in outs]
+            outs = [torch.from_numpy(o if self._fresh(o) else np.array(o, order="C"))
+                    for o in outs]
         spec = self.module.meta.get("torch_out_spec")
         if is_torch and spec is not None and spec.num_leaves == len(outs):
             from torch.utils import _pytree  # same structure as the torch model returned

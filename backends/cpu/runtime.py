@@ -76,7 +76,7 @@ class CpuExecutable:
         if op.name in VIEWS:
             return Step(op, args, outs, run_view, False, "view")
         if op.name == "kernel.fused":
-            fn = build_kernel(op, self.target, self.threads)
+            fn = _build_kernel(op, self.target, self.threads)
             if fn is not None:
                 if self.prepack and hasattr(fn, "prepack"):
                     for i, weight in self._constant_operands(op):
@@ -209,6 +209,16 @@ class CpuExecutable:
                            f"{type(exc).__name__}: {exc}") from exc
         for s, x in zip(st.outs, outs):
             vals[s] = x
+
+
+def _build_kernel(op: Op, target, threads) -> Callable | None:
+    try:
+        return build_kernel(op, target, threads)
+    except LmcError:
+        raise
+    except Exception as exc:  # a generator bug: name the kernel and where it came from
+        raise LmcError(f"the cpu backend could not build the {op.kind} kernel at {op.loc}: "
+                       f"{type(exc).__name__}: {exc}") from exc
 
 
 def _llvm_texts(fn) -> list[str]:
