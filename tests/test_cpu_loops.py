@@ -14,6 +14,7 @@ import pytest
 
 from lmc.backends.cpu import loops
 from lmc.backends.cpu.jit import default_engine, host_target
+from lmc.backends.cpu.threads import pool as core_pool
 from lmc.backends.reference.interpreter import bind_symbols, run_block
 from lmc.errors import LmcError, ShapeError
 from lmc.ir import DType, TensorType, parse
@@ -463,7 +464,7 @@ class RecordingPool:
 
     def run(self, jobs):
         self.sizes.append(len(jobs))
-        loops.core_pool().run(jobs)
+        core_pool().run(jobs)
 
 
 def test_threads_split_rows_and_long_rows():

@@ -30,6 +30,10 @@ class EmitError(LmcError):
         super().__init__(f"CPU backend: cannot compile {op.name}{where}: {why}")
 
 
+# Transcendental ops: the loop scheduler keeps their row values in scratch rather than
+# recomputing them in a later pass, and the launcher counts them as extra work.
+COSTLY = frozenset(["tensor.exp", "tensor.log", "tensor.tanh", "tensor.erf", "tensor.sigmoid",
+                    "tensor.silu", "tensor.gelu", "tensor.sin", "tensor.cos", "tensor.pow"])
 SCALAR = {DType.f64: "double", DType.f32: "float", DType.f16: "float", DType.bf16: "float",
           DType.i64: "i64", DType.i32: "i32", DType.i8: "i8", DType.u8: "i8", DType.bool: "i1"}
 STORAGE = {DType.f64: "double", DType.f32: "float", DType.f16: "half", DType.bf16: "i16",

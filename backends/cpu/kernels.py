@@ -37,7 +37,7 @@ def build_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Call
 
 @dataclass
 class LoopLauncher:
-    kernel: object  # loops.LoopKernel
+    kernel: object  # launch.LoopKernel
     threads: int | None
 
     def __call__(self, ins, outs, env) -> None:
