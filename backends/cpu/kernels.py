@@ -13,10 +13,24 @@ from lmc.ir.ops import op_class
 from lmc.ir.rewriter import splat_value
 from lmc.ir.types import DType
 
-from .jit import HostTarget
+from .gemm import TileEpilogue
+from .jit import HostTarget, default_engine
 
 F32 = 4
 ANCHOR = {"matmul": "tensor.matmul", "grouped_matmul": "moe.grouped_matmul"}
+
+# The tile epilogue every fused GEMM is compiled with: it calls the kernel's own epilogue
+# through the address in the first word of its args block.
+_INDIRECT = """define internal void @lmc_tile_indirect(ptr %c, i64 %ldc, i64 %row0, i64 %col0,
+                                              i64 %mr, i64 %nr, ptr %args) {
+entry:
+  %fn = load ptr, ptr %args, align 8
+  %rest = getelementptr i8, ptr %args, i64 8
+  call void %fn(ptr %c, i64 %ldc, i64 %row0, i64 %col0, i64 %mr, i64 %nr, ptr %rest)
+  ret void
+}
+"""
+INDIRECT_TILE = TileEpilogue("lmc_tile_indirect", _INDIRECT)
 
 
 def build_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Callable | None:
@@ -173,7 +187,6 @@ class GemmLauncher:
             self.packed = prepack_b(weight, kernel=self.kernel)
 
     def _epilogue(self, s: _Split) -> None:
-        from .gemm import TileEpilogue
         from .loops import compile_loop_kernel, render_tile_epilogue
         a = s.anchor
         if self._two_d():
@@ -181,7 +194,15 @@ class GemmLauncher:
             tile_op = _outlined(self.op.kind, operands + s.inputs, [a, *s.epilogue],
                                 self.result)
             name, text, used = render_tile_epilogue(tile_op, tile_op.body.ops[0], self.target)
-            self.tile = TileEpilogue(name, text)
+            # The epilogue is its own small module, called through a pointer by one GEMM
+            # module that every matmul shares: a cold compile builds the ~1 s GEMM once, not
+            # once per distinct epilogue. An indirect call per tile costs < 1 % of its FMAs.
+            text = text.replace(f"define internal void @{name}(", f"define void @{name}(", 1)
+            engine = default_engine(self.target)
+            engine.add_ir(name, text)
+            self.epi_fn = engine.function_address(name)
+            self.modules.append(text)
+            self.tile = INDIRECT_TILE
             index = {v: i - len(operands) for i, v in enumerate(tile_op.body.args)}
             self.tile_operands = [index[v] for v in used]  # positions in s.inputs
         else:
@@ -209,7 +230,8 @@ class GemmLauncher:
         out = outs[0]
         extra = [vals[v] for v in self.split.inputs]
         if self.tile is not None:
-            args, keep = _epilogue_args([extra[i] for i in self.tile_operands], out.shape)
+            args, keep = _epilogue_args(self.epi_fn, [extra[i] for i in self.tile_operands],
+                                        out.shape)
             self._gemm(self.split.anchor, vals, out, args.ctypes.data)
             del keep  # the operand views had to outlive the GEMM call
         else:
@@ -240,9 +262,11 @@ class GemmLauncher:
         return out
 
 
-def _epilogue_args(operands: list[np.ndarray], shape: tuple) -> tuple[np.ndarray, list]:
-    """(pointer, row stride, col stride) per operand of the 2-D [M, N] view of the output."""
-    words, keep = [], []
+def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple
+                   ) -> tuple[np.ndarray, list]:
+    """The epilogue's address, then (pointer, row stride, col stride) per operand of the 2-D
+    [M, N] view of the output (INDIRECT_TILE passes the words after the address on)."""
+    words, keep = [fn], []
     n = shape[-1]
     for x in operands:
         view = np.broadcast_to(x, shape).reshape(-1, n)  # a view whenever strides allow
@@ -251,7 +275,7 @@ def _epilogue_args(operands: list[np.ndarray], shape: tuple) -> tuple[np.ndarray
         keep.append(view)
         words += [view.ctypes.data, view.strides[0] // view.itemsize,
                   view.strides[1] // view.itemsize]
-    return np.array(words or [0], np.int64), keep
+    return np.array(words, np.int64), keep
 
 
 # ---- plain ops with native kernels ---------------------------------------------------------------
