@@ -173,7 +173,7 @@ class CompiledModel:
             check_derived_dims(i, arg.name, arg.type, arr, env)
         return arrays, is_torch
 
-    def _fresh(self, o: np.ndarray) -> bool:
+    def _made_for_this_call(self, o: np.ndarray) -> bool:
         """An output array made for this call alone, so torch may take it without a copy.
         Anything else is copied: a read-only view (a broadcast), a view of an input or of the
         arena, or a weight the model returns as is (np.array also keeps 0-d arrays 0-d)."""
@@ -184,7 +184,7 @@ class CompiledModel:
     def _pack(self, outs: list[np.ndarray], is_torch: bool):
         if is_torch:
             import torch
-            outs = [torch.from_numpy(o if self._fresh(o) else np.array(o, order="C"))
+            outs = [torch.from_numpy(o if self._made_for_this_call(o) else np.array(o, order="C"))
                     for o in outs]
         spec = self.module.meta.get("torch_out_spec")
         if is_torch and spec is not None and spec.num_leaves == len(outs):

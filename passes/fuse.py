@@ -180,8 +180,7 @@ class _Fuser:
             return "a reduction needs whole rows, not the tiles a matmul epilogue sees"
         if user.name not in ELEMENTWISE:
             return f"{user.name} is not elementwise"
-        if user.result.type.shape != cur.type.shape and not _same_shape(
-                user.result.type.shape, cur.type.shape):
+        if not _same_shape(user.result.type.shape, cur.type.shape):
             return f"its result {user.result.type} is larger than the matmul's {cur.type}"
         return None
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lmc.backends.reference.interpreter import IMPL
 from lmc.ir.core import Block, Op, Region, Value
 from lmc.ir.ops import op_class
 from lmc.ir.rewriter import splat_value
@@ -16,7 +17,6 @@ from lmc.ir.types import DType
 from .gemm import TileEpilogue
 from .jit import HostTarget, default_engine
 
-F32 = 4
 ANCHOR = {"matmul": "tensor.matmul", "grouped_matmul": "moe.grouped_matmul"}
 
 # The tile epilogue every fused GEMM is compiled with: it calls the kernel's own epilogue
@@ -193,11 +193,11 @@ class GemmLauncher:
             operands = list(a.operand_values)
             tile_op = _outlined(self.op.kind, operands + s.inputs, [a, *s.epilogue],
                                 self.result)
-            name, text, used = render_tile_epilogue(tile_op, tile_op.body.ops[0], self.target)
             # The epilogue is its own small module, called through a pointer by one GEMM
             # module that every matmul shares: a cold compile builds the ~1 s GEMM once, not
             # once per distinct epilogue. An indirect call per tile costs < 1 % of its FMAs.
-            text = text.replace(f"define internal void @{name}(", f"define void @{name}(", 1)
+            name, text, used = render_tile_epilogue(tile_op, tile_op.body.ops[0], self.target,
+                                                    exported=True)
             engine = default_engine(self.target)
             engine.add_ir(name, text)
             self.epi_fn = engine.function_address(name)
@@ -223,7 +223,6 @@ class GemmLauncher:
             if o.name == self.anchor_name:
                 vals[o.result] = self._gemm(o, vals, None, 0, self.split.alpha.get(o, 1.0))
             else:
-                from lmc.backends.reference.interpreter import IMPL
                 vals[o.result] = IMPL[o.name](o, env, *[vals[v] for v in o.operand_values])
         for new, old in self.split.alias.items():
             vals[new] = vals[old]

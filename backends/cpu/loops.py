@@ -667,13 +667,16 @@ def _epilogue_ops(op: Op, anchor: Op) -> tuple[list[Op], list[Value], Value]:
 
 
 def render_tile_epilogue(op: Op, anchor: Op, target: HostTarget | None = None,
-                         lanes: int | None = None) -> tuple[str, str, list[Value]]:
+                         lanes: int | None = None, exported: bool = False
+                         ) -> tuple[str, str, list[Value]]:
     """(name, module text, operand values) of the tile function `void @NAME(ptr %c, i64 %ldc,
     i64 %row0, i64 %col0, i64 %mr, i64 %nr, ptr %args)` for a matmul kernel's epilogue (ABI in
     docs/CPU_BACKEND.md; `c` points at C[row0, col0]). The epilogue is compiled as an
     elementwise loop kernel over the mr x nr tile (the anchor value is its first operand, read
     from C and written back), which the tile function calls with an args block it builds. The
-    text brings its own declarations and vmath functions."""
+    text brings its own declarations and vmath functions. `exported`: the tile function is
+    public, for a module of its own called through a pointer, instead of internal (inlined into
+    the GEMM module that includes the text)."""
     lanes = lanes or default_lanes(default_engine(target).target)
     ops, reads, result = _epilogue_ops(op, anchor)
     if anchor.result.type.rank < 2 or not _same_shape(result.shape, anchor.result.shape):
@@ -690,15 +693,16 @@ def render_tile_epilogue(op: Op, anchor: Op, target: HostTarget | None = None,
     key = canonical_text(kernel) + f"|tile|{lanes}"
     name = f"lmc_tile_epi_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     rows = _LoopWriter(plan, name + "_rows", lanes, "internal").render()
-    return name, emit.module_text([rows, _tile_wrapper(name, plan, reads)], {lanes}), reads
+    wrapper = _tile_wrapper(name, plan, reads, "" if exported else "internal ")
+    return name, emit.module_text([rows, wrapper], {lanes}), reads
 
 
-def _tile_wrapper(name: str, plan: Plan, reads: list[Value]) -> str:
+def _tile_wrapper(name: str, plan: Plan, reads: list[Value], linkage: str) -> str:
     """The tile function: the loop kernel's args block for rows 0..mr of the tile, all row
     strides on the last outer axis, then one call (LLVM inlines it)."""
     r = plan.outer_rank
     n_words = r + 1 + (len(reads) + 2) * (r + 2)
-    w = FunctionWriter(f"internal void @{name}(ptr %c, i64 %ldc, i64 %row0, i64 %col0, "
+    w = FunctionWriter(f"{linkage}void @{name}(ptr %c, i64 %ldc, i64 %row0, i64 %col0, "
                        "i64 %mr, i64 %nr, ptr %args)")
     block = w.slot(f"[{n_words} x i64]", hint="words")
     words = ["1"] * (r - 1) + ["%mr", "%nr"]

@@ -35,15 +35,18 @@ def run_view(op: Op, env: dict[str, int], x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Step:
-    """One op of the function: operand slots → result slots, and how to run it. `planned` steps
-    write into preallocated outputs; the others return fresh arrays."""
+    """One op of the function: operand slots → result slots, and how to run it. Kernel steps
+    write into preallocated outputs (`planned`); the others return fresh arrays."""
 
     op: Op
     args: list[int]
     outs: list[int]
     fn: Callable
-    planned: bool
     kind: str  # "view", "kernel", "native", "constant" or "fallback"
+
+    @property
+    def planned(self) -> bool:
+        return self.kind == "kernel"
 
 
 class CpuExecutable:
@@ -74,23 +77,23 @@ class CpuExecutable:
         args = [self._slots[v] for v in op.operand_values]
         outs = [self._slot(v) for v in op.result_values]
         if op.name in VIEWS:
-            return Step(op, args, outs, run_view, False, "view")
+            return Step(op, args, outs, run_view, "view")
         if op.name == "kernel.fused":
             fn = _build_kernel(op, self.target, self.threads)
             if fn is not None:
                 if self.prepack and hasattr(fn, "prepack"):
                     for i, weight in self._constant_operands(op):
                         fn.prepack(i, weight)
-                return Step(op, args, outs, fn, True, "kernel")
+                return Step(op, args, outs, fn, "kernel")
         if op.name in CONSTANTS:  # data from attributes and sizes only: numpy makes it
-            return Step(op, args, outs, IMPL[op.name], False, "constant")
+            return Step(op, args, outs, IMPL[op.name], "constant")
         native = native_op(op, self.threads)
         if native is not None:
-            return Step(op, args, outs, native, False, "native")
+            return Step(op, args, outs, native, "native")
         if op.name not in IMPL:
             raise LmcError(f"the cpu backend cannot run {op.name} (at {op.loc}): no kernel and "
                            "no interpreter implementation")
-        return Step(op, args, outs, IMPL[op.name], False, "fallback")
+        return Step(op, args, outs, IMPL[op.name], "fallback")
 
     def _constant_operands(self, op: Op) -> list[tuple[int, np.ndarray]]:
         """(operand index, array) for operands that are weights seen through static views
