@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test setup lint bench clean
+.PHONY: demo test setup lint bench bench-train clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,cpu]'
+	$(PY) -m pip install -q -e '.[test,cpu,train]'
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
@@ -30,8 +30,12 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,cpu,bench]'
 	$(PY) bench/cpu.py --wait-quiet 120
 
+# The tiny GPT's train step (forward + loss + backward + AdamW): lmc vs torch eager, torch.compile.
+bench-train: $(STAMP)
+	$(PY) bench/train.py --wait-quiet 120
+
 lint: $(STAMP)
 	$(PY) -m ruff check lmc frontends passes backends tests
 
 clean:
-	rm -rf $(VENV) lmc-dumps .pytest_cache
+	rm -rf $(VENV) lmc-dumps .pytest_cache lmc-train-loss.png

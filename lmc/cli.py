@@ -9,6 +9,9 @@ from lmc.errors import LmcError
 
 EPILOG = """examples:
   lmc demo                                      compile the built-in models, check vs PyTorch
+  lmc train --steps 300 --sample 400            train the tiny GPT on the shipped Shakespeare,
+                                                save the loss plot, print generated text
+  lmc train --text my.txt --layers 4 --d 128 --save gpt.safetensors   ... on your own text
   lmc opt model.lmc -p canonicalize,cse,dce     run passes over a text IR file, print the result
   lmc opt model.lmc -p canonicalize --dump-ir dumps/   ... and write the IR after every pass
   lmc passes                                    list the passes a pipeline may name
@@ -55,16 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", metavar="OUT", help="write the IR to OUT instead of stdout")
     opt.set_defaults(fn=cmd_opt)
 
-    demo = sub.add_parser("demo", help="compile the built-in tiny GPT, MoE and LoRA models",
+    demo = sub.add_parser("demo", help="compile the built-in tiny GPT, MoE and LoRA models, "
+                          "then train the GPT briefly",
                           description="Compile the built-in models with dynamic shapes, dump "
-                          "their IR, print op counts and check outputs against eager PyTorch.")
+                          "their IR, print op counts and check outputs against eager PyTorch; "
+                          "then train the tiny GPT on the shipped corpus for 150 compiled "
+                          "steps, save the loss plot and print a sample.")
     demo.add_argument("--dump-ir", metavar="DIR", default="lmc-dumps",
-                      help="where to write the IR dumps (default: ./lmc-dumps)")
+                      help="where to write the IR dumps and the loss plot (default: "
+                      "./lmc-dumps)")
+    demo.add_argument("--no-train", action="store_true",
+                      help="skip the training part (150 steps of the tiny GPT, ~40 s)")
     demo.set_defaults(fn=cmd_demo)
 
     passes = sub.add_parser("passes", help="list the registered passes and their options")
     passes.set_defaults(fn=cmd_passes)
     _add_artifact_commands(sub)
+    _add_train_command(sub)
     return p
 
 
@@ -104,6 +114,106 @@ def _add_artifact_commands(sub) -> None:
                          "LLVM versions, target CPU, signature, kernels, weights, pipeline.")
     ins.add_argument("artifact")
     ins.set_defaults(fn=cmd_inspect)
+
+
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, unless there is none (None / a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_train_command(sub) -> None:
+    tr = sub.add_parser("train", help="train the tiny GPT on text through compiled train steps",
+                        formatter_class=_ShowDefaults,
+                        description="Train lmc.zoo.TinyGPT as a character-level language model "
+                        "on the shipped public-domain Shakespeare (or --text FILE). Every step "
+                        "is one compiled forward + cross-entropy + backward + AdamW update "
+                        "(lmc.compile_training); a progress bar shows loss and tokens/s. Saves "
+                        "the loss curve as a PNG and prints text sampled from the trained "
+                        "weights in eager PyTorch.")
+    tr.add_argument("--text", metavar="FILE", help="UTF-8 text to learn (default: the shipped "
+                    "corpus, lmc/data/corpus.txt); its last 10%% is the validation part")
+    tr.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    tr.add_argument("--batch", type=int, default=16, help="sequences per step")
+    tr.add_argument("--seq", type=int, default=64, help="characters per sequence (context)")
+    tr.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    tr.add_argument("--d", type=int, default=64, help="model width")
+    tr.add_argument("--heads", type=int, default=4, help="attention heads (must divide --d)")
+    tr.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    tr.add_argument("--warmup", type=int, default=None, help="linear warm-up steps before "
+                    "the cosine decay (default: 10%% of --steps, at most 100)")
+    tr.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    tr.add_argument("--target", choices=["cpu", "ref"], default="cpu",
+                    help="cpu: native kernels; ref: the numpy interpreter (slow, exact)")
+    tr.add_argument("--seed", type=int, default=0, help="seeds the init, batches and sample")
+    tr.add_argument("--plot", metavar="PATH", default="lmc-train-loss.png",
+                    help="where to save the loss curve (PNG); 'none' for no plot")
+    tr.add_argument("--save", metavar="PATH", help="save the trained weights (safetensors, "
+                    "keys of model.state_dict(); vocabulary and config in the metadata)")
+    tr.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass (forward, "
+                    "autodiff, optimizer-step, fusion) to DIR")
+    tr.add_argument("--sample", type=int, default=300, metavar="N",
+                    help="after training print N generated characters (0: none)")
+    tr.add_argument("--temperature", type=float, default=0.8,
+                    help="sampling temperature; 0 = greedy")
+    tr.add_argument("--prompt", help="text the sample continues (default: the corpus's first "
+                    "line)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(fn=cmd_train)
+
+
+def cmd_train(args) -> int:
+    """Train the char-level TinyGPT; print progress and results, save plot/weights/sample."""
+    from lmc import charlm
+    from lmc.datasets import CharCorpus, read_text, shipped_corpus
+
+    config = charlm.TrainConfig(
+        steps=args.steps, batch=args.batch, seq=args.seq, layers=args.layers, d=args.d,
+        heads=args.heads, lr=args.lr, weight_decay=args.weight_decay,
+        warmup=args.warmup if args.warmup is not None else charlm.default_warmup(args.steps),
+        target=args.target, seed=args.seed, dump_ir=args.dump_ir)
+    config.check()   # before reading a large text or importing torch
+    if args.sample < 0:
+        raise LmcError(f"--sample takes a number of characters >= 0, got {args.sample}")
+    text = read_text(args.text) if args.text else shipped_corpus()
+    corpus = CharCorpus(text)
+    prompt = args.prompt if args.prompt is not None else charlm.default_prompt(corpus, args.seq)
+    try:   # a prompt character the corpus lacks: say so before training, not after
+        corpus.encode(prompt)
+    except LmcError as exc:
+        raise LmcError(f"--prompt: {exc}") from None
+    source = args.text or "shipped corpus (Shakespeare, Coriolanus; public domain)"
+    for line in charlm.describe_run(config, corpus, source):
+        print(line)
+    result = charlm.train(config, corpus, progress=not args.no_progress)
+    for line in charlm.summarize_run(result):
+        print(line)
+    if args.plot.lower() != "none":
+        from lmc.plot import save_loss_plot
+        val = (len(result.losses), result.val_loss) if result.val_loss is not None else None
+        path = save_loss_plot(result.losses, args.plot, _plot_title(config, source), val)
+        print(f"loss plot: {path}")
+    if args.save:
+        print(f"weights: {charlm.save_weights(result, args.save)}")
+    if args.dump_ir:
+        print(f"IR dumps: {args.dump_ir}/ (index.md)")
+    if args.sample:
+        text = charlm.generate(result.model, corpus, args.sample, prompt=prompt, seq=args.seq,
+                               seed=args.seed, temperature=args.temperature)
+        how = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
+        print(f"--- sample: {args.sample} characters ({how}) from the trained weights in "
+              "eager PyTorch ---")
+        print(prompt + text)
+    return 0
+
+
+def _plot_title(config, source: str) -> str:
+    name = Path(source).name if Path(source).exists() else "Shakespeare"
+    return (f"lmc train: TinyGPT L{config.layers} d{config.d} h{config.heads} on {name}, "
+            f"batch {config.batch}x{config.seq}, target {config.target}")
 
 
 def cmd_opt(args) -> int:
@@ -272,7 +382,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_demo(args) -> int:
     from lmc.demo import run_demo
-    return run_demo(args.dump_ir)
+    return run_demo(args.dump_ir, train=not args.no_train)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,18 @@ class ShapeError(LmcError):
 class UnsupportedOpError(LmcError):
     """A frontend met ops it cannot convert; lists every one found, with source locations."""
 
-    def __init__(self, items: list[tuple[str, str]], frontend: str = "torch"):
+    def __init__(self, items: list[tuple[str, str]], frontend: str = "torch", *,
+                 what: str | None = None, advice: str | None = None):
+        # `what`/`advice` let a pass (autodiff) say what failed instead of a frontend.
         self.items = items  # (op name, location text)
         lines = [f"  - {name}  at {where}" for name, where in items]
         names = sorted({name for name, _ in items})
+        what = what or f"the {frontend} frontend cannot convert"
+        advice = advice or ("Rewrite these parts of the model with supported ops, or add a "
+                            f"converter in lmc/frontends/{frontend}/ (see docs/NOTES.md).")
         super().__init__(
-            f"the {frontend} frontend cannot convert {len(items)} op(s) "
-            f"({len(names)} distinct: {', '.join(names)}):\n" + "\n".join(lines) +
-            "\nRewrite these parts of the model with supported ops, or add a converter "
-            f"in lmc/frontends/{frontend}/ (see docs/NOTES.md).")
+            f"{what} {len(items)} op(s) ({len(names)} distinct: {', '.join(names)}):\n" +
+            "\n".join(lines) + "\n" + advice)
 
 
 class InputError(LmcError):

@@ -34,3 +34,17 @@ def default_pipeline(options: CompileOptions) -> list[str]:
            "fuse",             # kernel.fused groups: what the backend compiles
            "dce"] if options.target != "ref" else []),
     ]
+
+
+def training_pipeline(options: CompileOptions, autodiff: str, optimizer: str) -> list[str]:
+    """The pipeline of a train step: the model's own clean-up, then `autodiff` (after attention
+    is raised, so that the forward keeps its flash kernel and the backward recomputes the
+    probabilities), the optimizer's update, and the target's fusion over the whole step."""
+    native = options.target != "ref"
+    return [
+        "canonicalize", "raise-moe", "canonicalize", "cse", "dce",
+        *(["raise-attention", "canonicalize"] if native else []),
+        autodiff, optimizer,
+        "canonicalize", "cse", "dce",
+        *(["fuse", "dce"] if native else []),
+    ]

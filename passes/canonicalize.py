@@ -212,6 +212,23 @@ def permute_of_permute(rw: Rewriter, x: Value, inner: Value, root: Value):
     return rw.value("tensor.permute", x, perm=composed)
 
 
+def transposed_matmul(rw: Rewriter, a: Value, b: Value, mm: Value, root: Value):
+    """permute(a @ b) swapping the last two axes → bᵀ @ aᵀ: the product is written in the
+    layout its readers want (a weight gradient dW = (xᵀ·g)ᵀ becomes gᵀ·x), and the operand
+    transposes are views the GEMM packs for free."""
+    r = root.type.rank
+    swap = tuple(range(r - 2)) + (r - 1, r - 2)
+    if r < 2 or tuple(root.op.perm) != swap or a.type.rank < 2 or b.type.rank < 2 or \
+            len(mm.uses) != 1:
+        return None
+    return rw.value("tensor.matmul", _swap_last(rw, b), _swap_last(rw, a))
+
+
+def _swap_last(rw: Rewriter, v: Value) -> Value:
+    r = v.type.rank
+    return rw.value("tensor.permute", v, perm=tuple(range(r - 2)) + (r - 1, r - 2))
+
+
 def full_slice(rw: Rewriter, x: Value, root: Value):
     """A slice from 0 with step 1 whose result has the operand's type covers the axis → x."""
     op = root.op
@@ -248,6 +265,8 @@ RULES = RuleSet([
     (P("tensor.broadcast", x), reshape_noop),
     (P("tensor.permute", P("tensor.permute", x, name="inner")), permute_of_permute),
     (P("tensor.permute", x), identity_permute),
+    (P("tensor.permute", P("tensor.matmul", P.var("a"), P.var("b"), name="mm")),
+     transposed_matmul),
     (P("tensor.slice", x), full_slice),
     (P("tensor.concat", x), single_concat),
     (P(None), fold_constants),

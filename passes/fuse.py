@@ -7,7 +7,10 @@ Groups, formed in this order (each op joins at most one group):
    matmul; every `tensor.attention` alone;
 2. reductions — softmax / log_softmax / layer_norm / rms_norm / sum / mean / max / min over
    trailing axes, with elementwise producers (prologue) and consumers (epilogue), and further
-   reductions over the same rows (a hand-written LayerNorm is one kernel);
+   reductions over the same rows (a hand-written LayerNorm is one kernel); sum / mean / max /
+   min over axes that keep the last one (column reductions: bias and LayerNorm-weight
+   gradients) with their prologue and an epilogue on the reduced values, never a consumer that
+   broadcasts a reduced value back over the data (that would need a second pass);
 3. the remaining elementwise ops, in connected groups of one domain shape.
 
 Legality: groups are nodes of a networkx graph of the function; an op joins a group only if the
@@ -34,18 +37,38 @@ ELEMENTWISE = frozenset(
 ROW_OPS = frozenset(["tensor.softmax", "tensor.log_softmax", "tensor.layer_norm",
                      "tensor.rms_norm", "tensor.sum", "tensor.mean", "tensor.max",
                      "tensor.min"])
+REDUCTIONS = frozenset(["tensor.sum", "tensor.mean", "tensor.max", "tensor.min"])
 ANCHORS = {"tensor.matmul": "matmul", "moe.grouped_matmul": "grouped_matmul"}
+
+
+def row_axes(op: Op) -> tuple[int, ...]:
+    """The axes a row op reduces, normalized and sorted."""
+    rank = op.x.type.rank
+    if op.name in ("tensor.softmax", "tensor.log_softmax"):
+        return (normalize_axis(op.axis, rank),)
+    if op.name in ("tensor.layer_norm", "tensor.rms_norm"):
+        return tuple(range(rank - op.num_axes, rank))
+    return tuple(sorted(normalize_axis(a, rank) for a in (op.axes or range(rank))))
 
 
 def reduced_axes(op: Op) -> int | None:
     """How many trailing axes a row op reduces, or None when they are not trailing."""
-    rank = op.x.type.rank
-    if op.name in ("tensor.softmax", "tensor.log_softmax"):
-        return 1 if normalize_axis(op.axis, rank) == rank - 1 else None
-    if op.name in ("tensor.layer_norm", "tensor.rms_norm"):
-        return op.num_axes
-    axes = sorted(normalize_axis(a, rank) for a in (op.axes or range(rank)))
-    return len(axes) if axes == list(range(rank - len(axes), rank)) and axes else None
+    axes, rank = row_axes(op), op.x.type.rank
+    return len(axes) if axes == tuple(range(rank - len(axes), rank)) and axes else None
+
+
+def column_axes(op: Op) -> tuple[int, ...] | None:
+    """The axes a sum/mean/max/min reduces when it keeps a last axis longer than 1 (a column
+    reduction: one pass down the columns), else None."""
+    if op.name not in REDUCTIONS or op.x.type.rank < 2 or op.x.type.shape[-1] == 1:
+        return None
+    axes = row_axes(op)
+    return axes if axes and op.x.type.rank - 1 not in axes else None
+
+
+def kernel_axes(op: Op) -> tuple[int, ...] | None:
+    """The axes of a reduction kernel anchored at `op`, or None when it cannot anchor one."""
+    return row_axes(op) if reduced_axes(op) is not None else column_axes(op)
 
 
 def _is_scalar_constant(v: Value) -> bool:
@@ -76,10 +99,12 @@ class Group:
     anchor: Op
     ops: list[Op]
     domain: tuple = ()
-    reduced: int = 0  # trailing axes reduced (reduction kind)
+    axes: tuple[int, ...] = ()  # the axes a reduction kernel reduces
 
-    def reduced_shape(self) -> tuple:
-        return self.domain[:len(self.domain) - self.reduced]
+    @property
+    def columns(self) -> bool:
+        """A reduction keeping the last axis: its kernel reads each element once."""
+        return bool(self.axes) and len(self.domain) - 1 not in self.axes
 
 
 @dataclass
@@ -135,10 +160,10 @@ class _Fuser:
             return self.groups[node].anchor
         return self.ops[node]
 
-    def new_group(self, op: Op, kind: str, domain: tuple = (), reduced: int = 0) -> int:
+    def new_group(self, op: Op, kind: str, domain: tuple = (), axes: tuple = ()) -> int:
         gid = self.group_of[id(op)]
         self.singletons.discard(gid)
-        self.groups[gid] = Group(kind, op, [op], domain, reduced)
+        self.groups[gid] = Group(kind, op, [op], domain, axes)
         return gid
 
     def reject(self, op: Op, group: Group, why: str) -> None:
@@ -216,10 +241,10 @@ class _Fuser:
     def grow_rows(self, op: Op, kind: str) -> None:
         """A reduction (or elementwise op) with its producers and consumers over one domain."""
         if kind == "reduction":
-            domain, reduced = op.x.type.shape, reduced_axes(op)
+            domain, axes = op.x.type.shape, kernel_axes(op)
         else:
-            domain, reduced = op.result.type.shape, 0
-        gid = self.new_group(op, kind, domain, reduced)
+            domain, axes = op.result.type.shape, ()
+        gid = self.new_group(op, kind, domain, axes)
         group = self.groups[gid]
         changed = True
         while changed:
@@ -260,15 +285,18 @@ class _Fuser:
     def _consumer_misfit(self, u: Op, group: Group) -> str | None:
         shape = u.result_values[0].type.shape if u.result_values else ()
         if u.name in ROW_OPS:
-            if group.kind != "reduction" or reduced_axes(u) != group.reduced or \
+            if group.kind != "reduction" or kernel_axes(u) != group.axes or \
                     not _same_shape(u.x.type.shape, group.domain):
                 return "it reduces other rows than this kernel"
             return None
         if u.name not in ELEMENTWISE:
             return f"{u.name} is not elementwise"
-        if _same_shape(shape, group.domain):
-            return None
         if group.kind == "reduction" and _same_reduced(shape, group):
+            return None
+        if _same_shape(shape, group.domain):
+            if group.columns:
+                return "a column reduction kernel reads its data once, so it cannot apply a " \
+                       "reduced value back to it"
             return None
         return f"its shape {list(shape)} is not the kernel's domain {list(group.domain)}"
 
@@ -277,9 +305,10 @@ class _Fuser:
 
 
 def _same_reduced(shape: tuple, group: Group) -> bool:
-    """The per-row shape of a reduction kernel, with or without the kept size-1 dims."""
-    kept = group.reduced_shape()
-    return _same_shape(shape, kept) or _same_shape(shape, kept + (1,) * group.reduced)
+    """The reduced shape of a reduction kernel, with or without the kept size-1 dims."""
+    kept = tuple(d for a, d in enumerate(group.domain) if a not in group.axes)
+    keepdim = tuple(1 if a in group.axes else d for a, d in enumerate(group.domain))
+    return _same_shape(shape, kept) or _same_shape(shape, keepdim)
 
 
 # ---- outlining -------------------------------------------------------------------------------
@@ -345,7 +374,7 @@ def fuse_func(func: Func, epilogues: bool = True) -> tuple[dict[str, int], list[
         elif op.name == "tensor.attention" and fuser.free(op):
             fuser.new_group(op, "attention")
     for op in fuser.ops:
-        if op.name in ROW_OPS and fuser.free(op) and reduced_axes(op) is not None:
+        if op.name in ROW_OPS and fuser.free(op) and kernel_axes(op) is not None:
             fuser.grow_rows(op, "reduction")
     for op in fuser.ops:
         if op.name in ELEMENTWISE and fuser.free(op):

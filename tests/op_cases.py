@@ -154,6 +154,7 @@ for _name, (_fn, _make) in UNARY.items():
     case(_name, f"tensor.{_name}", _make, _fn)
 
 case("abs_i32", "tensor.abs", lambda rng: [small_ints(rng, 13, dtype=np.int32)], torch.abs)
+case("barrier", "tensor.barrier", randn(7, 13), lambda x: x)
 case("neg_i64", "tensor.neg", lambda rng: [small_ints(rng, 7, dtype=np.int64)], torch.neg)
 case("gelu", "tensor.gelu", randn(7, 13, scale=3.0), F.gelu)
 case("gelu_tanh", "tensor.gelu", randn(13, 7, scale=3.0),
@@ -484,6 +485,14 @@ def _grouped_ref(x, w, offsets):
     return out
 
 
+def _grouped_wgrad_ref(x, g, offsets):
+    out = torch.zeros(len(offsets) - 1, x.shape[1], g.shape[1], dtype=x.dtype)
+    for e in range(len(offsets) - 1):
+        for m in range(int(offsets[e]), int(offsets[e + 1])):
+            out[e] += torch.outer(x[m], g[m])
+    return out
+
+
 def _combine_ref(y, perm, weights):
     n, k = weights.shape
     out = torch.zeros(n, y.shape[1], dtype=y.dtype)
@@ -510,6 +519,9 @@ case("moe_gather", "moe.gather",
 case("moe_grouped_matmul", "moe.grouped_matmul",
      lambda rng: [f32(rng, N_TOK * K, D), f32(rng, E, D, FF), _sorted_slots(rng)[2]],
      _grouped_ref)
+case("moe_grouped_weight_grad", "moe.grouped_weight_grad",
+     lambda rng: [f32(rng, N_TOK * K, D), f32(rng, N_TOK * K, FF), _sorted_slots(rng)[2]],
+     _grouped_wgrad_ref)
 case("moe_combine", "moe.combine",
      lambda rng: [f32(rng, N_TOK * K, D), _sorted_slots(rng)[1],
                   rng.random((N_TOK, K)).astype(np.float32)], _combine_ref)

@@ -11,8 +11,9 @@ stored [N, K]) is just B with swapped strides, absorbed by the packing. A consta
 be packed once, full K deep (`b_packed`): the driver then reads its panels in place.
 
 Two epilogue kinds: `EpilogueOp`s act on the accumulator registers before the store (bias,
-ReLU); a `TileEpilogue` is an LLVM function (rendered by the fusion code) that the micro-kernel
-calls on each finished tile in memory, with the tile's global row/column, on the last K block.
+ReLU); a `TileEpilogue` is an LLVM function (rendered by the fusion code) that the driver calls
+on each finished block of C in memory (MC rows x EPILOGUE_COLS columns), with the block's global
+row/column, on the last K block.
 
 Edges (M, N not multiples of MR, NR) are handled by packing zeros and, for a partial tile, running
 the same store code on a stack tile copied in and out, so the epilogue is written once.
@@ -30,6 +31,10 @@ from .irtext import FunctionWriter, fconst, vec
 from .jit import HostTarget, JitError, default_engine
 
 PTR_ALIGN = 64  # packed buffers are allocated 64-byte aligned (see threads.py)
+# The tile epilogue runs once per finished block of MC rows x this many columns (rounded to
+# NR): ~120 KB of C, still in L2, whose epilogue operands stream row by row. Once per 6 x 16
+# tile it cost 10-25 % of a fused GEMM (each call's operand rows were cold cache misses).
+EPILOGUE_COLS = 256
 # A job record of the batch entry (`render_jobs`): i64 words, then one pointer per column operand.
 JOB_FIELDS = ("m", "n", "k", "a", "b", "c", "row0", "col0")
 # The tile epilogue's parameters: (c, ldc, row0, col0, mr, nr, args), see `TileEpilogue`.
@@ -119,7 +124,7 @@ def _n_column_operands(epilogue: tuple[EpilogueOp, ...]) -> int:
 
 @dataclass(frozen=True)
 class TileEpilogue:
-    """An elementwise tail run on each finished C tile in memory, as an LLVM function (rendered by
+    """An elementwise tail run on each finished C block in memory, as an LLVM function (rendered by
     the fusion code, docs/CPU_BACKEND.md). Its text is put into the GEMM module so LLVM can inline
     it: `define internal void @NAME(ptr %c, i64 %ldc, i64 %row0, i64 %col0, i64 %mr, i64 %nr,
     ptr %args)` updates C[row0:row0+mr, col0:col0+nr] (row stride ldc) in place."""
@@ -158,24 +163,39 @@ def render_pack_a(cfg: GemmConfig, name: str) -> str:
         rows = w.smin(str(mr), w.op("sub", "%mc", ir))
         dst = w.gep("%ap", w.op("mul", ir, "%kc"))
         src = w.gep("%a", w.op("mul", ir, "%rsa"))
-        with w.if_else(w.value(f"icmp eq i64 {rows}, {mr}")) as otherwise:
-            row_ptrs = [w.gep(src, w.op("mul", str(i), "%rsa")) for i in range(mr)]
-            k_tail = "0"
-            if vector:
-                # Row-major A (the usual case): VL k-values of the MR rows per step, transposed
-                # in registers, instead of MR scalar copies per k (~2 cycles per element).
-                k_tail = w.value(f"select i1 {w.value('icmp eq i64 %csa, 1')}, "
-                                 f"i64 {w.op('and', '%kc', str(-cfg.vl))}, i64 0")
-                _pack_a_vectors(w, cfg, row_ptrs, dst, k_tail)
-            # Full panel: MR row streams read together, one contiguous MR-float write per k.
-            with w.loop(k_tail, "%kc", 1, "k") as k:
-                koff = w.op("mul", k, "%csa")
-                out = w.gep(dst, w.op("mul", k, str(mr)))
-                for i, row in enumerate(row_ptrs):
-                    w.store("float", w.load("float", w.gep(row, koff)), w.gep(out, str(i)))
-            otherwise()
-            _pack_edge(w, src, "%rsa", "%csa", rows, dst, mr)
+        full = w.value(f"icmp eq i64 {rows}, {mr}")
+        with w.if_else(w.op("and", full, w.value("icmp eq i64 %rsa, 1"), "i1"), "cm") as other:
+            # Column-major A (a transposed view: the lhs of a backward graph's weight
+            # gradient): the MR rows of one k are contiguous, one MR-float copy per k.
+            mv = f"<{mr} x float>"
+            with w.loop("0", "%kc", 1, "kt") as k:
+                row = w.load(mv, w.gep(src, w.op("mul", k, "%csa")))
+                w.store(mv, row, w.gep(dst, w.op("mul", k, str(mr))))
+            other()
+            with w.if_else(full) as otherwise:
+                _pack_a_rows(w, cfg, src, dst, vector)
+                otherwise()
+                _pack_edge(w, src, "%rsa", "%csa", rows, dst, mr)
     return w.text()
+
+
+def _pack_a_rows(w: FunctionWriter, cfg: GemmConfig, src: str, dst: str, vector: bool) -> None:
+    """A full panel of MR row streams."""
+    mr = cfg.mr
+    row_ptrs = [w.gep(src, w.op("mul", str(i), "%rsa")) for i in range(mr)]
+    k_tail = "0"
+    if vector:
+        # Row-major A (the usual case): VL k-values of the MR rows per step, transposed
+        # in registers, instead of MR scalar copies per k (~2 cycles per element).
+        k_tail = w.value(f"select i1 {w.value('icmp eq i64 %csa, 1')}, "
+                         f"i64 {w.op('and', '%kc', str(-cfg.vl))}, i64 0")
+        _pack_a_vectors(w, cfg, row_ptrs, dst, k_tail)
+    # Other strides: MR row streams read together, one contiguous MR-float write per k.
+    with w.loop(k_tail, "%kc", 1, "k") as k:
+        koff = w.op("mul", k, "%csa")
+        out = w.gep(dst, w.op("mul", k, str(mr)))
+        for i, row in enumerate(row_ptrs):
+            w.store("float", w.load("float", w.gep(row, koff)), w.gep(out, str(i)))
 
 
 def _pack_a_vectors(w: FunctionWriter, cfg: GemmConfig, row_ptrs: list[str], dst: str,
@@ -278,17 +298,14 @@ def _pack_edge(w: FunctionWriter, src: str, lane_stride: str, k_stride: str, lan
 # -- micro-kernel --
 
 
-def render_microkernel(cfg: GemmConfig, name: str, epilogue: tuple[EpilogueOp, ...],
-                       tile_epilogue: TileEpilogue | None = None) -> str:
+def render_microkernel(cfg: GemmConfig, name: str, epilogue: tuple[EpilogueOp, ...]) -> str:
     """MR x NR tile: acc = Ap^T Bp over kc, then C = alpha*acc + (first ? beta : 1)*C, and on the
-    last K slice the epilogues. `mr`/`nr` < MR/NR marks an edge tile; `row`/`col` is the tile's
-    global position, passed to the tile epilogue with `epi_args`."""
+    last K slice the register epilogues. `mr`/`nr` < MR/NR marks an edge tile."""
     cols = "".join(f", ptr %colop{i}" for i in range(_n_column_operands(epilogue)))
     w = FunctionWriter(
         f"internal void @{name}(i64 %kc, ptr noalias align {PTR_ALIGN} %ap, "
         f"ptr noalias align {PTR_ALIGN} %bp, ptr noalias %c, i64 %ldc, i64 %mr, i64 %nr, "
-        f"i1 %first, i1 %last, float %alpha, float %beta, i64 %row, i64 %col, ptr %epi_args"
-        f"{cols})")
+        f"i1 %first, i1 %last, float %alpha, float %beta{cols})")
     _prefetch_c(w, cfg)
     v = vec(cfg.vl)
     accs = [[w.slot(v, "zeroinitializer", f"acc{i}_{j}") for j in range(cfg.nv)]
@@ -300,11 +317,6 @@ def render_microkernel(cfg: GemmConfig, name: str, epilogue: tuple[EpilogueOp, .
     with w.loop(main, "%kc", 1, "kt") as k:
         _rank1_update(w, cfg, accs, k)
     _store_tile(w, cfg, accs, epilogue)
-    if tile_epilogue is not None:
-        # After the store (and the edge copy-out): the epilogue sees the true mr x nr tile of C.
-        with w.if_("%last", "tile.epilogue"):
-            w.emit(f"call void @{tile_epilogue.name}(ptr %c, i64 %ldc, i64 %row, i64 %col, "
-                   f"i64 %mr, i64 %nr, ptr %epi_args)")
     return w.text()
 
 
@@ -403,7 +415,8 @@ DRIVER_ARGS = ("i64 %M, i64 %N, i64 %K, ptr %A, i64 %rsa, i64 %csa, ptr %B, i64 
                "i64 %b_packed, ptr %epi_args, i64 %row0, i64 %col0")
 
 
-def render_driver(cfg: GemmConfig, name: str, names: dict[str, str], n_cols: int) -> str:
+def render_driver(cfg: GemmConfig, name: str, names: dict[str, str], n_cols: int,
+                  tile_epilogue: TileEpilogue | None = None) -> str:
     """`name(DRIVER_ARGS, colops...)`: C[M, N] of one call; (row0, col0) is its global offset
     for the tile epilogue. `b_packed` != 0: B is already packed full K deep (see `prepack_b`)."""
     cols = "".join(f", ptr %colop{i}" for i in range(n_cols))
@@ -435,7 +448,7 @@ def render_driver(cfg: GemmConfig, name: str, names: dict[str, str], n_cols: int
                 w.emit(f"call void @{names['pack_a']}(ptr {a_src}, i64 %rsa, i64 %csa, "
                        f"i64 {mc}, i64 {kc}, ptr %apack)")
                 _macro_kernel(w, cfg, names["ukernel"], n_cols,
-                              (ic, jc, mc, nc, kc, first, last, bbase, pstride))
+                              (ic, jc, mc, nc, kc, first, last, bbase, pstride), tile_epilogue)
     return w.text()
 
 
@@ -449,13 +462,33 @@ def _even_step(w: FunctionWriter, total: str, block: int, unit: int) -> str:
     return w.value(f"call i64 @llvm.smax.i64(i64 {step}, i64 {unit})")
 
 
-def _macro_kernel(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block) -> None:
-    """jr over NR panels of packed B (kept in L1), ir over MR panels of packed A (in L2)."""
+def _macro_kernel(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block,
+                  tile_epilogue: TileEpilogue | None) -> None:
+    """jr over NR panels of packed B (kept in L1), ir over MR panels of packed A (in L2); on the
+    last K block, the tile epilogue on each finished mc x EPILOGUE_COLS block."""
+    ic, jc, mc, nc, last = block[0], block[1], block[2], block[3], block[6]
+    if tile_epilogue is None:
+        _panels(w, cfg, ukernel, n_cols, block, "0", nc)
+        return
+    step = cfg.nr * max(1, EPILOGUE_COLS // cfg.nr)
+    with w.loop("0", nc, step, "jb") as jb:
+        end = w.smin(w.op("add", jb, str(step)), nc)
+        _panels(w, cfg, ukernel, n_cols, block, jb, end)
+        with w.if_(last, "tile.epilogue"):
+            col = w.op("add", jc, jb)
+            c = w.gep("%C", w.op("add", w.op("mul", ic, "%ldc"), col))
+            w.emit(f"call void @{tile_epilogue.name}(ptr {c}, i64 %ldc, "
+                   f"i64 {w.op('add', '%row0', ic)}, i64 {w.op('add', '%col0', col)}, "
+                   f"i64 {mc}, i64 {w.op('sub', end, jb)}, ptr %epi_args)")
+
+
+def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block, j0: str,
+            j1: str) -> None:
+    """The micro-kernel on every MR x NR tile of columns [j0, j1) of the mc x nc block."""
     ic, jc, mc, nc, kc, first, last, bbase, pstride = block
-    with w.loop("0", nc, cfg.nr, "jr") as jr:
+    with w.loop(j0, j1, cfg.nr, "jr") as jr:
         nr = w.smin(str(cfg.nr), w.op("sub", nc, jr))
         col = w.op("add", jc, jr)
-        gcol = w.op("add", "%col0", col)
         bp = w.gep(bbase, w.op("mul", jr, pstride))
         col_args = "".join(f", ptr {w.gep(f'%colop{i}', col)}" for i in range(n_cols))
         with w.loop("0", mc, cfg.mr, "ir") as ir:
@@ -464,8 +497,8 @@ def _macro_kernel(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int,
             row = w.op("add", ic, ir)
             c = w.gep("%C", w.op("add", w.op("mul", row, "%ldc"), col))
             w.emit(f"call void @{ukernel}(i64 {kc}, ptr {ap}, ptr {bp}, ptr {c}, i64 %ldc, "
-                   f"i64 {mr}, i64 {nr}, i1 {first}, i1 {last}, float %alpha, float %beta, "
-                   f"i64 {w.op('add', '%row0', row)}, i64 {gcol}, ptr %epi_args{col_args})")
+                   f"i64 {mr}, i64 {nr}, i1 {first}, i1 {last}, float %alpha, float %beta"
+                   f"{col_args})")
 
 
 JOBS_ARGS = ("i64 %njobs, ptr %jobs, i64 %rsa, i64 %csa, i64 %rsb, i64 %csb, i64 %ldc, "
@@ -564,8 +597,8 @@ def render_gemm_module(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = (),
              f"{tile_epilogue.name if tile_epilogue else None}",
              INTRINSICS.format(vl=cfg.vl),
              render_pack_a(cfg, names["pack_a"]), render_pack_b(cfg, names["pack_b"]),
-             render_microkernel(cfg, names["ukernel"], epilogue, tile_epilogue),
-             render_driver(cfg, names["entry"], names, n_cols),
+             render_microkernel(cfg, names["ukernel"], epilogue),
+             render_driver(cfg, names["entry"], names, n_cols, tile_epilogue),
              render_jobs(names["jobs"], names["entry"], n_cols),
              render_task(cfg, names["task"], names["jobs"])]
     if tile_epilogue is not None:

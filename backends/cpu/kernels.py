@@ -12,8 +12,9 @@ from lmc.backends.reference.interpreter import IMPL
 from lmc.ir.core import Block, Op, Region, Value
 from lmc.ir.ops import op_class
 from lmc.ir.rewriter import splat_value
-from lmc.ir.types import DType
+from lmc.ir.types import DType, normalize_axis
 
+from . import datamove, grouped, losses, scatter
 from .gemm import TileEpilogue
 from .jit import HostTarget, default_engine
 
@@ -36,6 +37,10 @@ INDIRECT_TILE = TileEpilogue("lmc_tile_indirect", _INDIRECT)
 def build_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Callable | None:
     """fn(inputs, outputs, env) running `op` natively into preallocated outputs, or None."""
     kind = op.kind
+    if kind == "reduction":
+        from .columns import is_column_body
+        if is_column_body(op.body):
+            return _column_kernel(op, target, threads)
     if kind in ("elementwise", "reduction"):
         from .loops import compile_loop_kernel
         kernel = compile_loop_kernel(op, target)
@@ -47,6 +52,17 @@ def build_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Call
     if kind in ANCHOR:
         return GemmLauncher(op, ANCHOR[kind], target, threads)
     return None
+
+
+def _column_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Callable | None:
+    """Reductions that keep the last axis (columns.py); a body it cannot schedule (a reduced
+    value broadcast back over the reduced axes) runs in the interpreter, visibly."""
+    from .columns import compile_column_kernel
+    from .emit import EmitError
+    try:
+        return LoopLauncher(compile_column_kernel(op, target), threads)
+    except EmitError:
+        return None
 
 
 @dataclass
@@ -169,6 +185,7 @@ class GemmLauncher:
         self.split = s = split_body(self.op.body, self.anchor_name)
         self.result = self.op.body.terminator.operand_values[0]
         self.tile = self.in_place = None
+        self.alpha = 1.0  # a scale of the anchor folded into its GEMM (batched operands)
         self.modules: list[str] = []
         if s.epilogue:
             self._epilogue(s)
@@ -206,9 +223,15 @@ class GemmLauncher:
             index = {v: i - len(operands) for i, v in enumerate(tile_op.body.args)}
             self.tile_operands = [index[v] for v in used]  # positions in s.inputs
         else:
-            ew = _outlined("elementwise", [a.result, *s.inputs], s.epilogue, self.result)
-            self.in_place = compile_loop_kernel(ew, self.target)
-            self.modules.append(self.in_place.llvm_ir)
+            first, ops = a.result, s.epilogue
+            scale = _leading_scale(a, ops)
+            if scale is not None:  # (q·kᵀ)·c: c becomes the batched GEMM's alpha
+                self.alpha, first = scale.operands
+                ops = [o for o in ops if o is not scale.op]
+            if self.result is not first:
+                ew = _outlined("elementwise", [first, *s.inputs], ops, self.result)
+                self.in_place = compile_loop_kernel(ew, self.target)
+                self.modules.append(self.in_place.llvm_ir)
 
     def _two_d(self) -> bool:
         x, w = self.split.anchor.operand_values[:2]
@@ -234,7 +257,7 @@ class GemmLauncher:
             self._gemm(self.split.anchor, vals, out, args.ctypes.data)
             del keep  # the operand views had to outlive the GEMM call
         else:
-            self._gemm(self.split.anchor, vals, out, 0)
+            self._gemm(self.split.anchor, vals, out, 0, self.alpha)
             if self.in_place is not None:
                 self.in_place.run([out, *extra], [out], threads=self.threads, env=env)
 
@@ -249,8 +272,7 @@ class GemmLauncher:
             return grouped_sgemm(x, w, vals[g.operand_values[2]], out=out, tile_epilogue=tile,
                                  epi_args=epi_args, **opts)
         if isinstance(w, np.ndarray) and (w.ndim != 2 or x.ndim < 2):
-            out = batched_sgemm(x, w, out=out, **opts)
-            return out * np.float32(alpha) if alpha != 1.0 else out
+            return batched_sgemm(x, w, out=out, alpha=alpha, **opts)
         n = w.n if not isinstance(w, np.ndarray) else w.shape[1]
         out = np.empty(x.shape[:-1] + (n,), np.float32) if out is None else out
         flat = out.reshape(-1, n)
@@ -259,6 +281,24 @@ class GemmLauncher:
         sgemm(x.reshape(-1, x.shape[-1]), w, out=flat, alpha=alpha, tile_epilogue=tile,
               epi_args=epi_args, **opts)
         return out
+
+
+@dataclass(frozen=True)
+class _Scale:
+    op: Op
+    operands: tuple[float, Value]  # (the scale, the scaled value)
+
+
+def _leading_scale(anchor: Op, epilogue: list[Op]) -> _Scale | None:
+    """The epilogue's `anchor · c` (c a scalar constant) when it is the anchor's only use:
+    alpha·(A·B) rounds as (A·B)·c does, one multiply of the finished sum."""
+    users = anchor.result.users
+    if len(users) != 1 or users[0] not in epilogue or users[0].name != "tensor.mul":
+        return None
+    mul = users[0]
+    other = mul.rhs if mul.lhs is anchor.result else mul.lhs
+    c = splat_value(other) if other is not anchor.result and other.type.rank == 0 else None
+    return None if c is None else _Scale(mul, (float(c), mul.result))
 
 
 def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple
@@ -280,17 +320,70 @@ def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple
 # ---- plain ops with native kernels ---------------------------------------------------------------
 
 def native_op(op: Op, threads: int | None) -> Callable | None:
-    """fn(op, env, *arrays) for the data-movement ops that have a native kernel, else None."""
-    from . import datamove
-    if op.name == "tensor.take" and op.axis == 0 and op.x.dtype is DType.f32:
-        return lambda op, env, x, idx: datamove.take_rows(x, idx)
-    if op.name == "moe.route":
-        return lambda op, env, idx: datamove.moe_route(idx, op.num_experts)
-    if op.name == "moe.gather" and op.x.dtype is DType.f32:
-        return lambda op, env, x, perm: datamove.moe_gather(x, perm, op.k)
-    if op.name == "moe.combine" and op.y.dtype is DType.f32:
-        return lambda op, env, y, perm, w: datamove.moe_combine(y, perm, w)
-    if op.name == "tensor.topk" and op.x.dtype is DType.f32 and \
-            op.axis in (-1, op.x.type.rank - 1):
-        return lambda op, env, x: datamove.topk(x, op.k, op.largest)
-    return None
+    """fn(op, env, *arrays) for the ops that have a native kernel (NATIVE), else None."""
+    rule = NATIVE.get(op.name)
+    if rule is None or not rule[0](op):
+        return None
+    return rule[1]
+
+
+def _last(op: Op, axis: int) -> bool:
+    return normalize_axis(axis, op.x.type.rank) == op.x.type.rank - 1
+
+
+def _lead_fits(x: np.ndarray, idx: np.ndarray) -> bool:
+    """Indices with x's leading shape (the native scatter/gather); else the interpreter."""
+    return idx.ndim == x.ndim and idx.shape[:-1] == x.shape[:-1]
+
+
+def _scatter(op: Op, env, x, idx, src):
+    if not _lead_fits(x, idx) or src.ndim != x.ndim or \
+            any(s < i for s, i in zip(src.shape, idx.shape)):
+        return IMPL[op.name](op, env, x, idx, src)
+    return scatter.scatter_last(x, idx, src, op.reduce)
+
+
+def _gather(op: Op, env, x, idx):
+    if not _lead_fits(x, idx):
+        return IMPL[op.name](op, env, x, idx)
+    return scatter.gather_last(x, idx)
+
+
+def _f32(v: Value) -> bool:
+    return v.dtype is DType.f32
+
+
+def _float(v: Value) -> bool:
+    return v.dtype in (DType.f32, DType.f64)
+
+
+# op name -> (does the native kernel take this op?, fn(op, env, *arrays)): data movement,
+# indexing for backward graphs (scatter.py), cross-entropy (losses.py), the MoE weight gradient.
+NATIVE: dict[str, tuple[Callable[[Op], bool], Callable]] = {
+    "tensor.take": (lambda op: op.axis == 0 and _f32(op.x),
+                    lambda op, env, x, idx: datamove.take_rows(x, idx)),
+    "moe.route": (lambda op: True,
+                  lambda op, env, idx: datamove.moe_route(idx, op.num_experts)),
+    "moe.gather": (lambda op: _f32(op.x),
+                   lambda op, env, x, perm: datamove.moe_gather(x, perm, op.k)),
+    "moe.combine": (lambda op: _f32(op.y),
+                    lambda op, env, y, perm, w: datamove.moe_combine(y, perm, w)),
+    "tensor.topk": (lambda op: _f32(op.x) and _last(op, op.axis),
+                    lambda op, env, x: datamove.topk(x, op.k, op.largest)),
+    "tensor.index_add": (
+        lambda op: normalize_axis(op.axis, op.x.type.rank) == 0 and _float(op.x) and
+        op.indices.type.rank == 1,
+        lambda op, env, x, idx, src: scatter.index_add(x, idx, src)),
+    "tensor.scatter": (lambda op: _float(op.x) and _last(op, op.axis), _scatter),
+    "tensor.gather": (lambda op: op.x.dtype.itemsize in (1, 2, 4, 8) and _last(op, op.axis),
+                      _gather),
+    "tensor.cross_entropy": (
+        lambda op: _f32(op.logits),
+        lambda op, env, logits, target: losses.cross_entropy(
+            logits, target, ignore_index=op.ignore_index, label_smoothing=op.label_smoothing,
+            reduction=op.reduction)),
+    "moe.grouped_weight_grad": (
+        lambda op: _f32(op.x) and _f32(op.grad),
+        lambda op, env, x, g, offsets: grouped.grouped_weight_grad(x, g, offsets)),
+}
+

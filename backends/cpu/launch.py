@@ -141,8 +141,9 @@ class LoopKernel:
                 self._layouts.clear()
             self._layouts[key] = self._layout(arrays, env or {})
         lay = self._layouts[key]
-        if lay is None:
-            return  # an empty domain
+        if lay is None:  # an empty domain: a reduction over no elements still has results
+            empty_domain(self.plan.block, arrays[:self._n_in], outputs, env)
+            return
         back = []
         for j, shape, strides, output in lay.copies:
             view = as_strided(arrays[j], shape, strides)
@@ -247,6 +248,18 @@ class LoopKernel:
         """Run rows [start, end) here, in the calling thread."""
         self.fn(start, end, address, _scratch(self._scratch_bytes * (-(-L // self.lanes)
                                                                      * self.lanes)))
+
+
+def empty_domain(block, inputs: list[np.ndarray], outputs: list[np.ndarray],
+                 env: dict[str, int] | None) -> None:
+    """Outputs of a kernel whose domain has no elements: those that are not empty themselves
+    (a sum over a zero-length axis is 0) are the interpreter's."""
+    if all(o.size == 0 for o in outputs):
+        return
+    from lmc.backends.reference.interpreter import bind_symbols, run_block
+    env = {**bind_symbols([a.type for a in block.args], inputs), **(env or {})}
+    for out, value in zip(outputs, run_block(block, inputs, env)):
+        out[...] = value
 
 
 _core_count: list[int] = []

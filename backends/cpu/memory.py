@@ -36,13 +36,21 @@ class Layout:
     nbytes: int
     unshared_bytes: int
     arena: np.ndarray = field(repr=False)
+    _views: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def view(self, buf: Buffer, env: dict[str, int]) -> np.ndarray:
+        """The buffer's array in the arena (made once: the layout is per symbol binding, so
+        every call with these sizes gets the same bytes)."""
+        found = self._views.get(buf.slot)
+        if found is not None:
+            return found
         dtype = buf.type.dtype.to_numpy()
         shape = eval_shape(buf.type.shape, env)
         count = int(np.prod(shape, dtype=np.int64))
         start = self.offsets[buf.slot]
-        return self.arena[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+        view = self.arena[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+        self._views[buf.slot] = view
+        return view
 
 
 def _nbytes(t: TensorType, env: dict[str, int]) -> int:

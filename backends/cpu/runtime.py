@@ -22,7 +22,8 @@ from .jit import HostTarget, default_engine
 from .kernels import build_kernel, native_op
 from .memory import Buffer, MemoryPlan
 
-VIEWS = frozenset(["tensor.reshape", "tensor.permute", "tensor.slice", "tensor.broadcast"])
+VIEWS = frozenset(["tensor.reshape", "tensor.permute", "tensor.slice", "tensor.broadcast",
+                   "tensor.barrier"])
 CONSTANTS = frozenset(["tensor.constant", "tensor.iota"])
 
 
@@ -31,6 +32,14 @@ def run_view(op: Op, env: dict[str, int], x: np.ndarray) -> np.ndarray:
     if op.name == "tensor.permute":
         return np.transpose(x, op.perm)
     return IMPL[op.name](op, env, x)
+
+
+def run_constant(op: Op, env: dict[str, int]) -> np.ndarray:
+    """A constant as a read-only view of its value, broadcast to its shape (stride 0 for a
+    splat): a zeros[V, d] that a backward graph accumulates into costs no memory traffic, and
+    every kernel reads strides."""
+    t = op.result.type
+    return np.broadcast_to(np.asarray(op.value, t.dtype.to_numpy()), eval_shape(t.shape, env))
 
 
 @dataclass
@@ -86,7 +95,8 @@ class CpuExecutable:
                         fn.prepack(i, weight)
                 return Step(op, args, outs, fn, "kernel")
         if op.name in CONSTANTS:  # data from attributes and sizes only: numpy makes it
-            return Step(op, args, outs, IMPL[op.name], "constant")
+            fn = run_constant if op.name == "tensor.constant" else IMPL[op.name]
+            return Step(op, args, outs, fn, "constant")
         native = native_op(op, self.threads)
         if native is not None:
             return Step(op, args, outs, native, "native")
@@ -193,7 +203,9 @@ class CpuExecutable:
             self._run_step(st, vals, env, layout)
             for s in frees:
                 vals[s] = None
-        return [vals[s] for s in self.output_slots]
+        # A result that is (a view of) a constant is read-only: the caller gets its own copy.
+        return [x if x.flags.writeable else x.copy()
+                for x in (vals[s] for s in self.output_slots)]
 
     def _run_step(self, st: Step, vals: list, env: dict[str, int], layout) -> None:
         ins = [vals[s] for s in st.args]

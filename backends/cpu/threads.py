@@ -21,6 +21,7 @@ import numpy as np
 from lmc.errors import ShapeError
 
 from .gemm import (
+    JOB_FIELDS,
     TASK_FIELDS,
     ColumnBias,
     EpilogueOp,
@@ -493,7 +494,7 @@ def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alp
         return NativeTask(kernel.task_address, args.ctypes.data,
                           task_scratch_bytes(kernel.config), (jobs, args))
 
-    plan = [records for records in plan if records]
+    plan = [records for records in plan if len(records)]
     if len(plan) == 1:
         work(plan[0])
     elif plan:
@@ -708,11 +709,11 @@ def _piece_ptrs(x: np.ndarray, out: np.ndarray, piece, w_ptr: int, w_step: int):
 
 
 def batched_sgemm(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None,
-                  trans_b: bool = False, threads: int | None = None,
+                  trans_b: bool = False, alpha: float = 1.0, threads: int | None = None,
                   target: HostTarget | None = None) -> np.ndarray:
-    """numpy.matmul (fp32) over broadcast leading batch dims, any strides; op(b) swaps b's last
-    two axes if trans_b. Folds the batch into M when B is shared and the layouts allow (one big
-    GEMM), else one native call per thread runs its share of the batch."""
+    """alpha * numpy.matmul (fp32) over broadcast leading batch dims, any strides; op(b) swaps
+    b's last two axes if trans_b. Folds the batch into M when B is shared and the layouts allow
+    (one big GEMM), else one native call per thread runs its share of the batch."""
     a, b = _as_f32(a), _as_f32(b)
     if a.ndim == 0 or b.ndim == 0:
         raise ShapeError(f"batched_sgemm: operands must have >= 1 dims, got {a.shape}, {b.shape}")
@@ -736,23 +737,34 @@ def batched_sgemm(a: np.ndarray, b: np.ndarray, *, out: np.ndarray | None = None
         return out
     if not _unit_columns(full):
         return _via_contiguous(out, 0.0, lambda tmp: batched_sgemm(
-            a, b, out=tmp, threads=threads, target=target))
+            a, b, out=tmp, alpha=alpha, threads=threads, target=target))
     a2, b2 = np.broadcast_to(a2, batch + (m, k)), np.broadcast_to(b2, batch + (k, n))
-    if _fold(a2, b2, full, threads, target):
+    if _fold(a2, b2, full, alpha, threads, target):
         return out
     kernel = compile_gemm(None, (), target)
     layout = _Layout(_elements(a2.strides[-2:]), _elements(b2.strides[-2:]),
                      full.strides[-2] // F32, False)
-    ptrs = [arr.ctypes.data + _batch_offsets(arr, batch) for arr in (a2, b2, full)]
-    plan = schedule([(m, n, k)] * len(ptrs[0]), kernel.config, threads or cpu_threads(),
-                    uniform=True)
-    records = [[layout.job(block, k, tuple(int(p[i]) for p in ptrs), (0, 0), [])
-                for i, block in share] for share in plan]
-    launch(kernel, layout, records, 1.0, 0.0, 0)
+    key = (kernel.config, threads or cpu_threads(), batch, m, n, k, a2.strides, b2.strides,
+           full.strides)
+    if key not in _batch_plans:  # the records at base addresses 0, made once per layout
+        offsets = [_batch_offsets(arr, batch) for arr in (a2, b2, full)]
+        plan = schedule([(m, n, k)] * len(offsets[0]), kernel.config, key[1], uniform=True)
+        _batch_plans[key] = [np.array([layout.job(block, k, tuple(int(o[i]) for o in offsets),
+                                                  (0, 0), []) for i, block in share],
+                                      np.int64).reshape(-1, len(JOB_FIELDS)) for share in plan]
+        if len(_batch_plans) > 256:
+            _batch_plans.pop(next(iter(_batch_plans)))
+    bases = np.zeros(len(JOB_FIELDS), np.int64)
+    bases[3:6] = a2.ctypes.data, b2.ctypes.data, full.ctypes.data  # the a, b, c fields
+    launch(kernel, layout, [share + bases for share in _batch_plans[key]], alpha, 0.0, 0)
     return out
 
 
-def _fold(a: np.ndarray, b: np.ndarray, out: np.ndarray, threads, target) -> bool:
+_batch_plans: dict[tuple, list[np.ndarray]] = {}  # per layout: per thread, its job records
+
+
+def _fold(a: np.ndarray, b: np.ndarray, out: np.ndarray, alpha: float, threads,
+          target) -> bool:
     """a [..., M, K] @ shared b as one [(...)*M, K] GEMM, when a and out collapse without a
     copy and every batch stride of b is 0 (a broadcast weight). True when done."""
     if any(s for s in b.strides[:-2]):
@@ -762,7 +774,7 @@ def _fold(a: np.ndarray, b: np.ndarray, out: np.ndarray, threads, target) -> boo
         out2 = np.reshape(out, (-1, out.shape[-1]), copy=False)
     except ValueError:  # the layout needs a copy: run the batch instead
         return False
-    sgemm(a2, b[(0,) * (b.ndim - 2)], out=out2, threads=threads, target=target)
+    sgemm(a2, b[(0,) * (b.ndim - 2)], out=out2, alpha=alpha, threads=threads, target=target)
     return True
 
 

@@ -56,7 +56,7 @@ _UNARY = {
     "tensor.reciprocal": lambda x: 1 / x, "tensor.tanh": np.tanh, "tensor.erf": _erf,
     "tensor.sigmoid": _sigmoid, "tensor.relu": lambda x: np.maximum(x, 0).astype(x.dtype),
     "tensor.silu": lambda x: x * _sigmoid(x), "tensor.sin": np.sin, "tensor.cos": np.cos,
-    "tensor.not": np.logical_not,
+    "tensor.not": np.logical_not, "tensor.barrier": lambda x: x,
 }
 _BINARY = {
     "tensor.add": np.add, "tensor.sub": np.subtract, "tensor.mul": np.multiply,
@@ -341,6 +341,16 @@ def _grouped_matmul(op, env, x, w, offsets):
         lo, hi = offsets[e], offsets[e + 1]
         if hi > lo:  # only the rows routed to expert e are computed
             out[lo:hi] = x[lo:hi] @ w[e]
+    return out
+
+
+@impl("moe.grouped_weight_grad")
+def _grouped_weight_grad(op, env, x, g, offsets):
+    out = np.zeros((offsets.shape[0] - 1, x.shape[1], g.shape[1]), x.dtype)
+    for e in range(out.shape[0]):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi > lo:
+            out[e] = x[lo:hi].T @ g[lo:hi]
     return out
 
 

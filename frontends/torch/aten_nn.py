@@ -139,3 +139,48 @@ def nll_loss(cx: Ctx, logp, target, weight=None, reduction=1, ignore_index=-100)
     if cx.node.target is aten.nll_loss_forward.default:
         return loss, None  # (output, total_weight); total_weight is rarely used
     return loss
+
+
+def _reduce_loss(cx: Ctx, elementwise: Value, reduction: int) -> Value:
+    if _REDUCTION[reduction] == "none":
+        return elementwise
+    name = "tensor.mean" if _REDUCTION[reduction] == "mean" else "tensor.sum"
+    return cx.op(name, elementwise, axes=tuple(range(elementwise.type.rank)))
+
+
+@converter(aten.mse_loss.default)
+def mse_loss(cx: Ctx, x, target, reduction=1):
+    d = cx.op("tensor.sub", x, target)
+    return _reduce_loss(cx, cx.op("tensor.mul", d, d), reduction)
+
+
+@converter(aten.l1_loss.default)
+def l1_loss(cx: Ctx, x, target, reduction=1):
+    return _reduce_loss(cx, cx.op("tensor.abs", cx.op("tensor.sub", x, target)), reduction)
+
+
+@converter(aten.kl_div.default)
+def kl_div(cx: Ctx, logq, p, reduction=1, log_target=False):
+    """torch's kl_div(input = log q, target = p): Σ p·(log p − log q), with 0·log 0 = 0.
+    `reduction="batchmean"` reaches ATen as sum then a division by the batch size."""
+    if log_target:
+        pointwise = cx.op("tensor.mul", cx.op("tensor.exp", p), cx.op("tensor.sub", p, logq))
+    else:
+        zero = cx.const(0.0, p.dtype)
+        logp = cx.op("tensor.log", cx.op("tensor.where", cx.op("tensor.gt", p, zero), p,
+                                         cx.const(1.0, p.dtype)))
+        pointwise = cx.op("tensor.mul", p, cx.op("tensor.sub", logp, logq))
+    return _reduce_loss(cx, pointwise, reduction)
+
+
+@converter(aten.binary_cross_entropy_with_logits.default)
+def bce_with_logits(cx: Ctx, z, y, weight=None, pos_weight=None, reduction=1):
+    """max(z, 0) − z·y + log(1 + exp(−|z|)): the stable form, as torch computes it."""
+    if weight is not None or pos_weight is not None:
+        raise NotConvertible("binary_cross_entropy_with_logits with weight or pos_weight")
+    zero, one = cx.const(0.0, z.dtype), cx.const(1.0, z.dtype)
+    softplus = cx.op("tensor.log", cx.op("tensor.add", one, cx.op(
+        "tensor.exp", cx.op("tensor.neg", cx.op("tensor.abs", z)))))
+    loss = cx.op("tensor.add", cx.op("tensor.sub", cx.op("tensor.maximum", z, zero),
+                                     cx.op("tensor.mul", z, y)), softplus)
+    return _reduce_loss(cx, loss, reduction)

@@ -68,6 +68,12 @@ def expand(cx: Ctx, x, *args, **kwargs):
     return x if x.type == out else cx.op("tensor.broadcast", x, type=out)
 
 
+@converter(aten.broadcast_tensors.default)
+def broadcast_tensors(cx: Ctx, xs):
+    outs = [cx.out_type(i) for i in range(len(xs))]
+    return [x if x.type == t else cx.op("tensor.broadcast", x, type=t) for x, t in zip(xs, outs)]
+
+
 # ---- slicing ---------------------------------------------------------------------------------
 
 def slice_axis(cx: Ctx, x: Value, axis: int, start, end, step: int = 1) -> Value:

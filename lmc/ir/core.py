@@ -295,12 +295,13 @@ class Region:
         return Region([b.clone() for b in self.blocks])
 
 
-ARG_KINDS = ("input", "param", "buffer")
+ARG_KINDS = ("input", "param", "buffer", "state")
 
 
 class Func:
-    """A function: one block whose arguments are inputs, parameters (trainable weights) or
-    buffers (constant arrays), ending in `func.return`."""
+    """A function: one block whose arguments are inputs, parameters (trainable weights),
+    buffers (constant arrays) or state (optimizer slots a train step reads and returns anew),
+    ending in `func.return`. Every kind but `input` has its array in `Module.params`."""
 
     def __init__(self, name: str, body: Block | None = None, arg_kinds: Sequence[str] = ()):
         self.name = name
@@ -322,7 +323,7 @@ class Func:
 
     @property
     def weights(self) -> list[Value]:
-        return self.args_of_kind("param", "buffer")
+        return self.args_of_kind("param", "buffer", "state")
 
     @property
     def return_op(self) -> Op:

@@ -124,7 +124,7 @@ class Parser:
             ty = self.type()
             kind = "input"
             if self.accept("{"):
-                kind_tok = self.expect_kind("ident", "param, buffer or input")
+                kind_tok = self.expect_kind("ident", "param, buffer, state or input")
                 if kind_tok.text not in ARG_KINDS:
                     raise self.error(f"argument kind must be one of {ARG_KINDS}", kind_tok)
                 kind = kind_tok.text

@@ -22,7 +22,7 @@ def _verify_func(f: Func, m: Module) -> None:
     if dupes:  # weights are found by argument name: a duplicate would silently share one array
         raise VerificationError(f"@{f.name}: argument name(s) {dupes} are used twice")
     for a, kind in zip(f.body.args, f.arg_kinds):
-        if kind in ("param", "buffer"):
+        if kind != "input":
             arr = m.params.get(a.name)
             if arr is None:
                 raise VerificationError(f"@{f.name}: {kind} %{a.name} has no array in the module "

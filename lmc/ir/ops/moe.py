@@ -58,6 +58,26 @@ class GroupedMatMul(Op):
 
 
 @register
+class GroupedWeightGrad(Op):
+    """The weight gradient of `moe.grouped_matmul`: out[e] = x[rows of e]ᵀ · g[rows of e].
+
+    Its own op because no dense form computes only the routed rows: it is what autodiff emits
+    for the expert weights, and backends give it a grouped kernel.
+    """
+
+    name = "moe.grouped_weight_grad"
+    operands = ("x", "grad", "offsets")
+
+    def infer_type(self):
+        x, g, o = self.x.type, self.grad.type, self.offsets.type
+        if x.rank != 2 or g.rank != 2 or o.rank != 1 or not isinstance(o.shape[0], int) or \
+                not dims_equal(x.shape[0], g.shape[0]) or x.dtype != g.dtype:
+            raise ShapeError(f"moe.grouped_weight_grad needs x [M, d], grad [M, f] and static "
+                             f"offsets [E+1], got {x}, {g}, {o}")
+        return x.with_shape((o.shape[0] - 1, x.shape[1], g.shape[1]))
+
+
+@register
 class Combine(Op):
     name = "moe.combine"
     operands = ("y", "perm", "weights")

@@ -131,6 +131,20 @@ class Not(Unary):
         return self.x.type
 
 
+@register
+class Barrier(Op):
+    """The identity, which no rewrite looks through: `autodiff{checkpoint=...}` recomputes
+    forward values from barriers so that CSE does not merge the recomputation back into the
+    forward pass (XLA's optimization_barrier). Backends run it as a view; not elementwise, so
+    fusion does not absorb it either."""
+
+    name = "tensor.barrier"
+    operands = ("x",)
+
+    def infer_type(self):
+        return self.x.type
+
+
 class Binary(Op):
     operands = ("lhs", "rhs")
     result_bool = False
