@@ -170,9 +170,10 @@ def _outlined(kind: str, arg_values: list[Value], ops: list[Op], result: Value) 
 
 @dataclass
 class GemmLauncher:
-    """matmul / grouped matmul + epilogue. 2-D weights: one GEMM whose micro-kernel applies the
-    epilogue to each finished tile. Batched operands: a batched GEMM, then the epilogue as one
-    elementwise kernel in place. A LoRA branch runs first, its scale folded into its GEMM."""
+    """matmul / grouped matmul + epilogue. 2-D weights: one GEMM whose driver applies the
+    epilogue to each finished block of C. Batched operands: a batched GEMM (a leading scale
+    folded into its alpha), then the rest of the epilogue as one elementwise kernel in place.
+    A LoRA branch runs first, its scale folded into its GEMM."""
 
     op: Op
     anchor_name: str
@@ -212,7 +213,7 @@ class GemmLauncher:
                                 self.result)
             # The epilogue is its own small module, called through a pointer by one GEMM
             # module that every matmul shares: a cold compile builds the ~1 s GEMM once, not
-            # once per distinct epilogue. An indirect call per tile costs < 1 % of its FMAs.
+            # once per distinct epilogue. An indirect call per block of C costs nothing.
             name, text, used = render_tile_epilogue(tile_op, tile_op.body.ops[0], self.target,
                                                     exported=True)
             engine = default_engine(self.target)
