@@ -257,7 +257,9 @@ class _Fuser:
                 p = v.op
                 if p is None or not self.free(p) or p.name not in ELEMENTWISE:
                     continue
-                outside = [u for u in v.users if u not in group.ops]
+                # A function result may join: the kernel yields it as one more output (an
+                # optimizer's new moments are results and inputs of the parameter update).
+                outside = [u for u in v.users if u not in group.ops and u.name != "func.return"]
                 if outside:
                     continue  # computing it here and again outside would do the work twice
                 if not _fits(p.result.type.shape, group.domain):
