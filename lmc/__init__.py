@@ -1,6 +1,6 @@
 """lmc: an MLIR-style compiler for neural networks."""
 __version__ = "0.1.0"
-from lmc import ir, losses, optim  # noqa: F401
+from lmc import ir, optim  # noqa: F401
 from lmc.artifact import load  # noqa: F401
 from lmc.compile import CompiledModel, compile  # noqa: F401
 from lmc.errors import (  # noqa: F401
@@ -17,3 +17,11 @@ from lmc.errors import (  # noqa: F401
 from lmc.ir.parser import parse, parse_file  # noqa: F401
 from lmc.options import CompileOptions  # noqa: F401
 from lmc.training import Trainer, compile_training  # noqa: F401
+
+
+def __getattr__(name: str):
+    # lmc.losses is torch code: imported on first use, so that `import lmc` needs no torch.
+    if name == "losses":
+        import lmc.losses
+        return lmc.losses
+    raise AttributeError(f"module 'lmc' has no attribute {name!r}")

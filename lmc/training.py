@@ -34,7 +34,8 @@ def compile_training(model, example_inputs, *, loss_fn=None, optimizer=None,
     `loss_fn(output, *targets)` takes (their number is read from loss_fn's signature, or given
     as `num_targets`). With no loss_fn the model's output 0 is the loss. Parameters with
     requires_grad=False stay frozen. `checkpoint` (none | cheap | all) recomputes activations in
-    the backward instead of keeping them (see `trainer.peak_bytes`)."""
+    the backward instead of keeping them (see `trainer.peak_bytes`). `dynamic_shapes`: a tuple
+    over the batch (as torch.export takes it), or a dict keyed by the model's argument names."""
     import torch
 
     from lmc import optim
@@ -52,7 +53,7 @@ def compile_training(model, example_inputs, *, loss_fn=None, optimizer=None,
         raise LmcError(f"optimizer must be an lmc.optim optimizer (SGD, HeavyBall, EMAMomentum, "
                        f"Adam, AdamW), got {type(optimizer).__name__}")
     batch = _unalias(_as_tuple(example_inputs))
-    traced = model if loss_fn is None else WithLoss(
+    traced = model if loss_fn is None else with_loss(
         model, loss_fn, len(batch) - _count_targets(loss_fn, num_targets))
     module = import_module(traced, batch, _positional(dynamic_shapes, model, batch))
     if loss_fn is not None:
@@ -67,21 +68,19 @@ def compile_training(model, example_inputs, *, loss_fn=None, optimizer=None,
     return trainer
 
 
-class WithLoss:
-    """The module torch.export traces: `loss_fn(model(*inputs), *targets)`."""
+def with_loss(model, loss_fn, num_inputs: int):
+    """The module torch.export traces: `loss_fn(model(*inputs), *targets)` (defined here, not
+    at import, so that `import lmc` does not import torch)."""
+    import torch
 
-    def __new__(cls, model, loss_fn, num_inputs: int):
-        import torch
+    class WithLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
 
-        class _WithLoss(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, *batch):
-                out = self.model(*batch[:num_inputs])
-                return loss_fn(out, *batch[num_inputs:])
-        return _WithLoss()
+        def forward(self, *batch):
+            return loss_fn(self.model(*batch[:num_inputs]), *batch[num_inputs:])
+    return WithLoss()
 
 
 def _count_targets(loss_fn, given: int | None) -> int:
@@ -101,14 +100,13 @@ def _count_targets(loss_fn, given: int | None) -> int:
 
 
 def _positional(dynamic_shapes, model, batch):
-    """The wrapper's forward takes *batch: give torch.export its dynamic shapes by position
-    (a dict keyed by the model's argument names is mapped onto them)."""
+    """The wrapper's forward takes *batch: give torch.export its dynamic shapes by position.
+    A tuple covers the whole batch (inputs, then targets); a dict keyed by the model's argument
+    names covers the inputs, and the targets stay static."""
     if dynamic_shapes is None or isinstance(dynamic_shapes, (list, tuple)):
         return None if dynamic_shapes is None else (tuple(dynamic_shapes),)
-    names = list(inspect.signature(model.forward).parameters)
-    specs = [dynamic_shapes.get(n) for n in names[:len(batch)]]
-    specs += [dynamic_shapes.get(f"target{i}") for i in range(len(batch) - len(specs))]
-    return (tuple(specs),)
+    names = list(inspect.signature(model.forward).parameters)[:len(batch)]
+    return (tuple([dynamic_shapes.get(n) for n in names] + [None] * (len(batch) - len(names))),)
 
 
 def _strip_prefix(module: Module) -> None:
@@ -157,9 +155,8 @@ class Trainer:
         """One forward + backward + update on `batch`; returns the loss."""
         self.steps_done += 1
         lr = self.optimizer.lr_at(self.steps_done)
-        arrays = self._check(batch) + [np.float32(lr), np.float32(self.steps_done)]
-        arrays[-2:] = [np.asarray(x, self.func.inputs[-2].dtype.to_numpy()) for x in arrays[-2:]]
-        outs = self._run(arrays)
+        scalars = [np.asarray(v, np.float32) for v in (lr, self.steps_done)]  # %lr, %step
+        outs = self._run(self._check(batch) + scalars)
         for name, new in zip(self.updated, outs[self.num_outputs:]):
             self.module.params[name] = new
         loss = float(outs[0])
