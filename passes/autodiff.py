@@ -62,7 +62,8 @@ class Autodiff(Pass):
         ret = func.return_op
         for g in grads:
             ret._add_operand(g)
-        module.meta["autodiff"] = {"num_outputs": len(outputs), "params": [p.name for p in params]}
+        module.meta["autodiff"] = {"num_outputs": len(outputs), "params": [p.name for p in params],
+                                   "unreached": [v.name for v in unreached if v in params]}
         return {"params": len(params), "gradients": len(grads),
                 "unreached": [v.name for v in unreached], "recomputed": recomputed}
 

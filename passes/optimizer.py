@@ -246,7 +246,14 @@ class OptimizerStep(Pass):
         states = [[self._add_state(module, func, slot, p) for slot in self.slots]
                   for p in params]
         rule, new_params, new_states = OPTIMIZERS[self.optimizer], [], []
+        # As torch.optim skips a parameter whose .grad is None: one the loss does not reach
+        # (autodiff gives it a zero gradient) keeps its value and state, no weight decay.
+        unreached = set(module.meta.get("autodiff", {}).get("unreached", ()))
         for p, g, s in zip(params, grads, states):
+            if p.name in unreached:
+                new_params.append(p)
+                new_states += s
+                continue
             first = len(rw.created)
             new_p, new_s = rule.update(b.at(f"optimizer-step/{p.name}"), self, p, g, s)
             schedule_after(func.body, rw.created[first:], g)

@@ -249,3 +249,27 @@ def test_bad_input_is_a_clear_error():
         trainer.step(data[0][0])
     with pytest.raises(lmc.InputError, match="dtype"):
         trainer.step(data[0][0].float(), data[0][1])
+
+
+class WithUnusedWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 3)
+        self.unused = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x, y):
+        return F.mse_loss(self.lin(x), y)
+
+
+def test_a_parameter_the_loss_does_not_reach_is_left_alone_as_torch_does():
+    torch.manual_seed(0)
+    model = WithUnusedWeight()
+    eager = copy.deepcopy(model)
+    data = [(torch.randn(5, 6), torch.randn(5, 3)) for _ in range(4)]
+    trainer = lmc.compile_training(model, data[0], target="ref",
+                                   optimizer=lmc.optim.AdamW(lr=1e-2, weight_decay=0.5))
+    mine = [trainer.step(*b) for b in data]
+    theirs = eager_losses(eager, data, None, torch.optim.AdamW(eager.parameters(), lr=1e-2,
+                                                               weight_decay=0.5))
+    assert_losses_match(mine, theirs, rtol=1e-5)
+    assert torch.equal(trainer.state_dict()["unused"], eager.unused.detach())
