@@ -33,7 +33,7 @@ def compile_training(model, example_inputs, *, loss_fn=None, optimizer=None,
     `example_inputs` is one batch as `step` takes it: the model's inputs, then the targets that
     `loss_fn(output, *targets)` takes (their number is read from loss_fn's signature, or given
     as `num_targets`). With no loss_fn the model's output 0 is the loss. Parameters with
-    requires_grad=False stay frozen. `checkpoint` (none | cheap | all) recomputes activations in
+    requires_grad=False stay frozen. `checkpoint` (none | cheap | blocks) recomputes activations in
     the backward instead of keeping them (see `trainer.peak_bytes`). `dynamic_shapes`: a tuple
     over the batch (as torch.export takes it), or a dict keyed by the model's argument names."""
     import torch
@@ -153,10 +153,11 @@ class Trainer:
 
     def step(self, *batch) -> float:
         """One forward + backward + update on `batch`; returns the loss."""
-        self.steps_done += 1
-        lr = self.optimizer.lr_at(self.steps_done)
-        scalars = [np.asarray(v, np.float32) for v in (lr, self.steps_done)]  # %lr, %step
-        outs = self._run(self._check(batch) + scalars)
+        arrays = self._check(batch)  # a bad batch raises before it counts as a step
+        step = self.steps_done + 1
+        scalars = [np.asarray(v, np.float32) for v in (self.optimizer.lr_at(step), step)]
+        outs = self._run(arrays + scalars)  # the trailing inputs are %lr and %step
+        self.steps_done = step
         for name, new in zip(self.updated, outs[self.num_outputs:]):
             self.module.params[name] = new
         loss = float(outs[0])

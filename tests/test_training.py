@@ -249,6 +249,7 @@ def test_bad_input_is_a_clear_error():
         trainer.step(data[0][0])
     with pytest.raises(lmc.InputError, match="dtype"):
         trainer.step(data[0][0].float(), data[0][1])
+    assert trainer.steps_done == 0  # a refused batch is not a step (the schedule's count)
 
 
 class WithUnusedWeight(torch.nn.Module):
