@@ -37,9 +37,9 @@ from .jit import HostTarget, default_engine
 from .launch import MIN_WORK_PER_THREAD, _cores, _eval_shape, empty_domain
 from .loops import (
     REDUCE_KIND,
-    _reshape_map,
     _right_aligned,
     _same_shape,
+    axis_maps,
     canonical_text,
     decompose,
 )
@@ -124,32 +124,16 @@ class ColumnPlan:
 
     def _axis_maps(self) -> None:
         """Backwards from the results, as loops.Plan; reduced values never span reduced axes."""
-        amap: dict[Value, tuple] = {}
+        identity = tuple(range(self.rank))
 
-        def assign(v: Value, m: tuple, op: Op) -> None:
-            if amap.setdefault(v, m) != m:
-                raise EmitError(op, f"operand {v.type} is broadcast along two different axis "
-                                    "sets in one kernel")
+        def no_reduced_axes(v: Value, m: tuple, op: Op) -> None:
             if v in self.post and any(a in self.axes for a in m if a is not None):
                 raise EmitError(op, "a reduced value is broadcast back along a reduced axis "
                                     "(a column kernel reads each element once)")
 
-        for v in self.term.operand_values:
-            assign(v, self._result_map(v), self.term)
-        for op in reversed(self.ops):
-            if op.result not in amap:
-                continue
-            res = amap[op.result]
-            if op.name in REDUCE_KIND:
-                assign(op.x, _right_aligned(op.x.shape, tuple(range(self.rank))), op)
-            elif op.name == "tensor.reshape":
-                assign(op.x, _reshape_map(op, res), op)
-            elif op.name in EMIT:
-                for v in op.operand_values:
-                    assign(v, _right_aligned(v.shape, res), op)
-            else:
-                raise EmitError(op, "is neither elementwise nor a column reduction")
-        self.amap = amap
+        self.amap = axis_maps(self.term, self.ops, self._result_map,
+                              lambda op, res: _right_aligned(op.x.shape, identity), "column",
+                              no_reduced_axes)
 
     def _operand(self, v: Value, output: bool) -> ColumnOperand:
         m = self.amap.get(v, ())

@@ -212,34 +212,16 @@ class Plan:
 
     def _axis_maps(self) -> None:
         """Backwards from the results: every live value's axis map; dead ops are dropped."""
-        amap: dict[Value, tuple] = {}
-
-        def assign(v: Value, m: tuple, op: Op) -> None:
-            if amap.setdefault(v, m) != m:
-                raise EmitError(op, f"operand {v.type} is broadcast along two different axis "
-                                    "sets in one kernel")
-
-        for v in self.term.operand_values:
-            assign(v, self._result_map(v), self.term)
         identity = tuple(range(self.rank))
-        for op in reversed(self.ops):
-            if op.result not in amap:
-                continue
-            res = amap[op.result]
-            if op.name in REDUCE_KIND:
-                full = tuple(range(self.outer_rank)) + (None,) * (self.k * op.keepdim)
-                if res != _right_aligned(op.result.shape, full):
-                    raise EmitError(op, "a reduced value is broadcast along a row axis")
-                assign(op.x, identity, op)
-            elif op.name == "tensor.reshape":
-                assign(op.x, _reshape_map(op, res), op)
-            elif op.name in EMIT:
-                for v in op.operand_values:
-                    assign(v, _right_aligned(v.shape, res), op)
-            else:
-                raise EmitError(op, "is neither elementwise nor a row reduction")
-        self.amap = amap
-        self.ops = [o for o in self.ops if o.result in amap]
+
+        def reduced(op: Op, res: tuple) -> tuple:
+            full = tuple(range(self.outer_rank)) + (None,) * (self.k * op.keepdim)
+            if res != _right_aligned(op.result.shape, full):
+                raise EmitError(op, "a reduced value is broadcast along a row axis")
+            return identity
+
+        self.amap = axis_maps(self.term, self.ops, self._result_map, reduced, "row")
+        self.ops = [o for o in self.ops if o.result in self.amap]
 
     def is_inner(self, v: Value) -> bool:
         return any(a is not None and a >= self.outer_rank for a in self.amap[v])
@@ -325,6 +307,38 @@ class Plan:
     def scratch_bytes(self) -> int:
         """Scratch bytes per (padded) row element."""
         return sum(_SIZE[emit.scalar_type(v.dtype)] for v in self.cached)
+
+
+def axis_maps(term: Op, ops: list[Op], result_map, reduced, kind: str,
+              check=None) -> dict[Value, tuple]:
+    """Backwards from a kernel body's results (`result_map(v)`), the axis map of every live
+    value: which kernel axis each of its dims runs along (None: broadcast). `reduced(op, res)`
+    gives a reduction's operand map (and may refuse); `check(v, map, op)` may refuse a map."""
+    amap: dict[Value, tuple] = {}
+
+    def assign(v: Value, m: tuple, op: Op) -> None:
+        if amap.setdefault(v, m) != m:
+            raise EmitError(op, f"operand {v.type} is broadcast along two different axis "
+                                "sets in one kernel")
+        if check is not None:
+            check(v, m, op)
+
+    for v in term.operand_values:
+        assign(v, result_map(v), term)
+    for op in reversed(ops):
+        if op.result not in amap:
+            continue
+        res = amap[op.result]
+        if op.name in REDUCE_KIND:
+            assign(op.x, reduced(op, res), op)
+        elif op.name == "tensor.reshape":
+            assign(op.x, _reshape_map(op, res), op)
+        elif op.name in EMIT:
+            for v in op.operand_values:
+                assign(v, _right_aligned(v.shape, res), op)
+        else:
+            raise EmitError(op, f"is neither elementwise nor a {kind} reduction")
+    return amap
 
 
 def _reshape_map(op: Op, res: tuple) -> tuple:
