@@ -159,19 +159,8 @@ class CompiledModel:
         return self.executable.report() if self.executable is not None else {}
 
     def _check_inputs(self, inputs) -> tuple[list[np.ndarray], bool]:
-        formal = self.func.inputs
-        if len(inputs) != len(formal):
-            names = ", ".join(f"{a.name}: {a.type}" for a in formal)
-            raise InputError(f"the model takes {len(formal)} input(s) ({names}), got "
-                             f"{len(inputs)}")
-        is_torch = any(hasattr(x, "detach") for x in inputs)
-        arrays = [_to_numpy(x) for x in inputs]
-        env: dict[str, int] = {}
-        for i, (arg, arr) in enumerate(zip(formal, arrays)):
-            check_input(i, arg.name, arg.type, arr, env)
-        for i, (arg, arr) in enumerate(zip(formal, arrays)):  # now every plain symbol is bound
-            check_derived_dims(i, arg.name, arg.type, arr, env)
-        return arrays, is_torch
+        arrays = check_inputs(self.func.inputs, inputs, "the model takes {n} input(s)")
+        return arrays, any(hasattr(x, "detach") for x in inputs)
 
     def _made_for_this_call(self, o: np.ndarray) -> bool:
         """An output array made for this call alone, so torch may take it without a copy.
@@ -191,6 +180,21 @@ class CompiledModel:
             from torch.utils import _pytree  # same structure as the torch model returned
             return _pytree.tree_unflatten(outs, spec)
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def check_inputs(formal, inputs, takes: str) -> list[np.ndarray]:
+    """`inputs` (torch or numpy) as arrays, checked against the argument values `formal`;
+    `takes` says what the callee takes ("the model takes {n} input(s)")."""
+    if len(inputs) != len(formal):
+        names = ", ".join(f"{a.name}: {a.type}" for a in formal)
+        raise InputError(f"{takes.format(n=len(formal))} ({names}), got {len(inputs)}")
+    arrays = [_to_numpy(x) for x in inputs]
+    env: dict[str, int] = {}
+    for i, (arg, arr) in enumerate(zip(formal, arrays)):
+        check_input(i, arg.name, arg.type, arr, env)
+    for i, (arg, arr) in enumerate(zip(formal, arrays)):  # now every plain symbol is bound
+        check_derived_dims(i, arg.name, arg.type, arr, env)
+    return arrays
 
 
 def check_input(i: int, name: str, t: TensorType, arr: np.ndarray, env: dict[str, int]) -> None:

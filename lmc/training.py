@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lmc.errors import InputError, LmcError
+from lmc.errors import LmcError
 from lmc.ir.core import Module
 from lmc.ir.printer import print_module
 from lmc.options import TARGETS, CompileOptions, training_pipeline
@@ -171,19 +171,9 @@ class Trainer:
         return run_func(self.module, arrays, self.func)
 
     def _check(self, batch) -> list[np.ndarray]:
-        from lmc.compile import _to_numpy, check_derived_dims, check_input
-        formal = self.func.inputs[:-2]
-        if len(batch) != len(formal):
-            names = ", ".join(f"{a.name}: {a.type}" for a in formal)
-            raise InputError(f"the train step takes a batch of {len(formal)} tensor(s) "
-                             f"({names}), got {len(batch)}")
-        arrays = [_to_numpy(x) for x in batch]
-        env: dict[str, int] = {}
-        for i, (a, x) in enumerate(zip(formal, arrays)):
-            check_input(i, a.name, a.type, x, env)
-        for i, (a, x) in enumerate(zip(formal, arrays)):
-            check_derived_dims(i, a.name, a.type, x, env)
-        return arrays
+        from lmc.compile import check_inputs
+        return check_inputs(self.func.inputs[:-2], batch,
+                            "the train step takes a batch of {n} tensor(s)")
 
     def state_dict(self) -> dict[str, Any]:
         """The model's weights as torch tensors, keyed as `model.state_dict()` (tied weights

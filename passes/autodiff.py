@@ -25,6 +25,7 @@ from lmc.ir.core import Func, Module, Op, Value
 from lmc.ir.rewriter import Rewriter
 from lmc.ir.types import DType, TensorType, dim_add, dim_sub, dims_equal
 from lmc.pass_base import Pass, register_pass
+from lmc.passes.fuse import ELEMENTWISE
 from lmc.passes.vjp import NO_GRAD, Grad, SlicePiece, operand_grads
 
 CHEAP = frozenset(["tensor.softmax", "tensor.log_softmax", "tensor.layer_norm",
@@ -241,7 +242,6 @@ class _Remat:
         if self.policy == "blocks":
             return _block_of(op) is not None and not any(v in self.crossing
                                                          for v in op.result_values)
-        from lmc.passes.fuse import ELEMENTWISE
         return op.name in CHEAP or op.name in ELEMENTWISE
 
     def value(self, v: Value, before: Op) -> Value:

@@ -15,6 +15,7 @@ import numpy as np
 
 from lmc.backends.reference.interpreter import IMPL, bind_symbols
 from lmc.errors import LmcError
+from lmc.ir.analysis import VIEWS
 from lmc.ir.core import Func, Module, Op, Value
 from lmc.ir.types import eval_shape
 
@@ -22,8 +23,6 @@ from .jit import HostTarget, default_engine
 from .kernels import build_kernel, native_op
 from .memory import Buffer, MemoryPlan
 
-VIEWS = frozenset(["tensor.reshape", "tensor.permute", "tensor.slice", "tensor.broadcast",
-                   "tensor.barrier"])
 CONSTANTS = frozenset(["tensor.constant", "tensor.iota"])
 
 

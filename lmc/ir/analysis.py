@@ -12,8 +12,10 @@ from __future__ import annotations
 from lmc.ir.core import Func, Value
 from lmc.ir.types import eval_shape
 
-ALIASES = frozenset(["tensor.reshape", "tensor.permute", "tensor.slice", "tensor.broadcast",
-                     "tensor.barrier"])
+# Ops whose result is a view of their operand (no data of its own; the cpu runtime runs them
+# as numpy views).
+VIEWS = frozenset(["tensor.reshape", "tensor.permute", "tensor.slice", "tensor.broadcast",
+                   "tensor.barrier"])
 
 
 def peak_live_bytes(func: Func, env: dict[str, int]) -> dict[str, int]:
@@ -21,7 +23,7 @@ def peak_live_bytes(func: Func, env: dict[str, int]) -> dict[str, int]:
     ops = [op for op in func.body.ops if op.name != "func.return"]
     root: dict[Value, Value] = {}
     for op in ops:
-        if op.name in ALIASES:
+        if op.name in VIEWS:
             src = op.operand_values[0]
             root[op.result] = root.get(src, src)
     last: dict[Value, int] = {}
@@ -32,7 +34,7 @@ def peak_live_bytes(func: Func, env: dict[str, int]) -> dict[str, int]:
     live = peak = total = 0
     frees: dict[int, int] = {}
     for i, op in enumerate(ops):
-        if op.name not in ALIASES:
+        if op.name not in VIEWS:
             for v in op.result_values:
                 if v in returned:
                     continue
