@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmc.errors import PipelineError
+from lmc.ir.builder import Builder
 from lmc.ir.core import Func, Module, Op, Value
 from lmc.ir.rewriter import Rewriter
 from lmc.ir.types import DType, TensorType, dim_add, dim_sub, dims_equal
 from lmc.pass_base import Pass, register_pass
 from lmc.passes.fuse import ELEMENTWISE
-from lmc.passes.vjp import NO_GRAD, Grad, SlicePiece, operand_grads
+from lmc.passes.vjp import NO_GRAD, SlicePiece, operand_grads
 
 CHEAP = frozenset(["tensor.softmax", "tensor.log_softmax", "tensor.layer_norm",
                    "tensor.rms_norm", "tensor.reshape", "tensor.permute", "tensor.broadcast",
@@ -103,7 +104,7 @@ def differentiate(func: Func, loss: Value, wrt: list[Value]) -> tuple[list[Value
     before the function's return; also returns the `wrt` values that do not reach it."""
     ops = [op for op in func.body.ops if op.name != "func.return"]
     active = _active_values(ops, loss, wrt)
-    b = Grad(Rewriter(func.body, func.return_op))
+    b = Builder(Rewriter(func.body, func.return_op))
     contributions: dict[Value, list] = {loss: [b.full(1.0, loss.type)]}
     for op in reversed(ops):
         if op.name in NO_GRAD or not any(v in active for v in op.operand_values):
@@ -138,7 +139,7 @@ def _active_values(ops: list[Op], loss: Value, wrt: list[Value]) -> set[Value]:
     return {v for v in depends & needed if v.dtype.is_float}
 
 
-def _total(b: Grad, parts: list, t: TensorType) -> Value:
+def _total(b: Builder, parts: list, t: TensorType) -> Value:
     """Sum the gradient contributions of one value; slices of it become one padded concat."""
     pieces = [p for p in parts if isinstance(p, SlicePiece)]
     dense = [p for p in parts if not isinstance(p, SlicePiece)]
@@ -150,7 +151,7 @@ def _total(b: Grad, parts: list, t: TensorType) -> Value:
     return total
 
 
-def _assemble(b: Grad, pieces: list[SlicePiece], t: TensorType) -> list[Value]:
+def _assemble(b: Builder, pieces: list[SlicePiece], t: TensorType) -> list[Value]:
     """Place slice gradients into x's shape: disjoint unit-step slices along one axis become a
     single concat with zero gaps (the q/k/v split gives one concat of three); any other slice
     gets its own zero padding."""
@@ -180,7 +181,7 @@ def _disjoint_chain(group: list[SlicePiece]) -> tuple[list[SlicePiece], list[Sli
     return chain, others
 
 
-def _concat_with_gaps(b: Grad, chain: list[SlicePiece], axis: int, t: TensorType) -> Value:
+def _concat_with_gaps(b: Builder, chain: list[SlicePiece], axis: int, t: TensorType) -> Value:
     parts, at = [], 0
     for p in chain:
         if p.start > at:
@@ -199,7 +200,7 @@ def _with_dim(t: TensorType, axis: int, n) -> TensorType:
     return t.with_shape(shape)
 
 
-def _pad(b: Grad, p: SlicePiece, t: TensorType) -> Value:
+def _pad(b: Builder, p: SlicePiece, t: TensorType) -> Value:
     """x-shaped zeros with the slice gradient scattered at start, start+step, ..."""
     size = p.grad.shape[p.axis]
     idx = b.op("tensor.iota", type=TensorType((size,), DType.i64), start=p.start, step=p.step)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from lmc.errors import PipelineError
+from lmc.ir.builder import Builder
 from lmc.ir.core import Func, Location, Module, Op, Value
 from lmc.ir.rewriter import Rewriter
 from lmc.ir.types import DType, TensorType
@@ -30,44 +31,20 @@ F32, F64 = TensorType((), DType.f32), TensorType((), DType.f64)
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by (total_norm + 1e-6)
 
 
-@dataclass(frozen=True)
-class Builder:
-    """Emits the update's ops before `func.return`: elementwise helpers, f64 scalars, casts."""
+class UpdateBuilder(Builder):
+    """Emits the update's ops before `func.return`; knows the step's f64 `lr` and `step`."""
 
-    rw: Rewriter
-    lr: Value    # f64[]
-    step: Value  # f64[]
-    loc: Location
+    def __init__(self, rw: Rewriter, lr: Value, step: Value, loc: Location):
+        super().__init__(rw)
+        self.lr, self.step, self.loc = lr, step, loc  # lr, step: f64[]
 
-    def at(self, path: str) -> Builder:
-        return Builder(self.rw, self.lr, self.step, Location(path=path))
-
-    def op(self, name: str, *operands: Value, **attrs) -> Value:
-        return self.rw.value(name, *operands, loc=self.loc, **attrs)
-
-    def add(self, a: Value, b: Value) -> Value:
-        return self.op("tensor.add", a, b)
-
-    def sub(self, a: Value, b: Value) -> Value:
-        return self.op("tensor.sub", a, b)
-
-    def mul(self, a: Value, b: Value) -> Value:
-        return self.op("tensor.mul", a, b)
-
-    def div(self, a: Value, b: Value) -> Value:
-        return self.op("tensor.div", a, b)
-
-    def cast(self, x: Value, dtype: DType) -> Value:
-        return x if x.dtype is dtype else self.op("tensor.cast", x, dtype=dtype)
+    def at(self, path: str) -> UpdateBuilder:
+        return UpdateBuilder(self.rw, self.lr, self.step, Location(path=path))
 
     def f64(self, x: float) -> Value:
         return self.rw.constant(float(x), F64, loc=self.loc)
 
-    def const(self, x: float, like: Value) -> Value:
-        """A scalar constant in `like`'s dtype (broadcasts against it)."""
-        return self.rw.constant(float(x), TensorType((), like.dtype), loc=self.loc)
-
-    def scalar(self, s: Value, like: Value) -> Value:
+    def in_dtype(self, s: Value, like: Value) -> Value:
         """An f64 scalar cast to `like`'s dtype, to meet it in elementwise math."""
         return self.cast(s, like.dtype)
 
@@ -79,8 +56,8 @@ class Builder:
         """a + w·(b − a) with the rounding of torch's lerp (the other form for w ≥ 0.5)."""
         diff = self.sub(b, a)
         if abs(weight) < 0.5:
-            return self.add(a, self.mul(self.const(weight, a), diff))
-        return self.sub(b, self.mul(diff, self.const(1.0 - weight, a)))
+            return self.add(a, self.mul(self.scalar(weight, a), diff))
+        return self.sub(b, self.mul(diff, self.scalar(1.0 - weight, a)))
 
 
 # ---- the update rules: (builder, options, param, grad, states) -> (new param, new states) -----
@@ -88,62 +65,63 @@ class Builder:
 Update = tuple[Value, list[Value]]
 
 
-def _sgd(b: Builder, o: OptimizerStep, p: Value, g: Value, states: list[Value]) -> Update:
+def _sgd(b: UpdateBuilder, o: OptimizerStep, p: Value, g: Value, states: list[Value]) -> Update:
     """torch.optim.SGD: d = g + wd·p; buf = μ·buf + (1−τ)·d (buf = d at step 1);
     d = d + μ·buf (nesterov) or buf; p −= lr·d."""
-    d = g if o.weight_decay == 0 else b.add(g, b.mul(b.const(o.weight_decay, p), p))
+    d = g if o.weight_decay == 0 else b.add(g, b.mul(b.scalar(o.weight_decay, p), p))
     new_states = []
     if o.momentum != 0:
         (buf,) = states
-        buf = b.mul(buf, b.const(o.momentum, p))
-        damp = b.const(1.0 - o.dampening, p)
+        buf = b.mul(buf, b.scalar(o.momentum, p))
+        damp = b.scalar(1.0 - o.dampening, p)
         if o.dampening != 0:  # torch copies d into the buffer at step 1, undamped; the buffer
             # is zero then, so scaling d by 1 instead of 1−τ gives exactly that copy
             first = b.op("tensor.eq", b.step, b.f64(1.0))
-            damp = b.scalar(b.op("tensor.where", first, b.f64(1.0), b.f64(1 - o.dampening)), p)
+            damp = b.in_dtype(b.op("tensor.where", first, b.f64(1.0), b.f64(1 - o.dampening)), p)
         buf = b.add(buf, b.mul(damp, d))
         new_states = [buf]
-        d = b.add(d, b.mul(b.const(o.momentum, p), buf)) if o.nesterov else buf
-    return b.sub(p, b.mul(b.scalar(b.lr, p), d)), new_states
+        d = b.add(d, b.mul(b.scalar(o.momentum, p), buf)) if o.nesterov else buf
+    return b.sub(p, b.mul(b.in_dtype(b.lr, p), d)), new_states
 
 
-def _heavy_ball(b: Builder, o: OptimizerStep, p: Value, g: Value, states: list[Value]) -> Update:
+def _heavy_ball(b: UpdateBuilder, o: OptimizerStep, p: Value, g: Value,
+                states: list[Value]) -> Update:
     """Classical momentum: v = μ·v − lr·g; p += v."""
     (v,) = states
-    v = b.sub(b.mul(b.const(o.momentum, p), v), b.mul(b.scalar(b.lr, p), g))
+    v = b.sub(b.mul(b.scalar(o.momentum, p), v), b.mul(b.in_dtype(b.lr, p), g))
     return b.add(p, v), [v]
 
 
-def _ema_momentum(b: Builder, o: OptimizerStep, p: Value, g: Value,
+def _ema_momentum(b: UpdateBuilder, o: OptimizerStep, p: Value, g: Value,
                   states: list[Value]) -> Update:
     """Momentum as an exponential moving average: v = β·v + (1−β)·g; p −= lr·v."""
     (v,) = states
-    v = b.add(b.mul(b.const(o.momentum, p), v), b.mul(b.const(1.0 - o.momentum, p), g))
-    return b.sub(p, b.mul(b.scalar(b.lr, p), v)), [v]
+    v = b.add(b.mul(b.scalar(o.momentum, p), v), b.mul(b.scalar(1.0 - o.momentum, p), g))
+    return b.sub(p, b.mul(b.in_dtype(b.lr, p), v)), [v]
 
 
-def _adam(b: Builder, o: OptimizerStep, p: Value, g: Value, states: list[Value]) -> Update:
+def _adam(b: UpdateBuilder, o: OptimizerStep, p: Value, g: Value, states: list[Value]) -> Update:
     """torch.optim.Adam / AdamW: m = lerp(m, g, 1−β1); v = β2·v + (1−β2)·g²;
     p −= lr/(1−β1^t) · m / (√v / √(1−β2^t) + ε). Adam adds wd·p to g (L2); AdamW first
     scales p by 1 − lr·wd (decoupled)."""
     m, v = states
     if o.weight_decay != 0 and o.optimizer == "adamw":
-        p = b.mul(p, b.scalar(b.sub(b.f64(1.0), b.mul(b.lr, b.f64(o.weight_decay))), p))
+        p = b.mul(p, b.in_dtype(b.sub(b.f64(1.0), b.mul(b.lr, b.f64(o.weight_decay))), p))
     elif o.weight_decay != 0:
-        g = b.add(g, b.mul(b.const(o.weight_decay, p), p))
+        g = b.add(g, b.mul(b.scalar(o.weight_decay, p), p))
     m = b.lerp(m, g, 1.0 - o.beta1)
-    v = b.add(b.mul(v, b.const(o.beta2, p)), b.mul(b.mul(b.const(1.0 - o.beta2, p), g), g))
+    v = b.add(b.mul(v, b.scalar(o.beta2, p)), b.mul(b.mul(b.scalar(1.0 - o.beta2, p), g), g))
     step_size = b.div(b.lr, b.one_minus_pow(o.beta1))
     bias2_sqrt = b.op("tensor.sqrt", b.one_minus_pow(o.beta2))
-    denom = b.add(b.div(b.op("tensor.sqrt", v), b.scalar(bias2_sqrt, p)), b.const(o.eps, p))
-    return b.sub(p, b.mul(b.scalar(step_size, p), b.div(m, denom))), [m, v]
+    denom = b.add(b.div(b.op("tensor.sqrt", v), b.in_dtype(bias2_sqrt, p)), b.scalar(o.eps, p))
+    return b.sub(p, b.mul(b.in_dtype(step_size, p), b.div(m, denom))), [m, v]
 
 
 @dataclass(frozen=True)
 class Rule:
     """One optimizer: its update, its state slots, and the options it reads."""
 
-    update: Callable[[Builder, OptimizerStep, Value, Value, list[Value]], Update]
+    update: Callable[[UpdateBuilder, OptimizerStep, Value, Value, list[Value]], Update]
     slots: Callable[[OptimizerStep], tuple[str, ...]]
     options: frozenset[str]
 
@@ -160,7 +138,7 @@ OPTIMIZERS: dict[str, Rule] = {
 _COMMON_OPTIONS = frozenset({"optimizer", "max_grad_norm"})
 
 
-def clip_by_global_norm(b: Builder, grads: list[Value], max_norm: float) -> list[Value]:
+def clip_by_global_norm(b: UpdateBuilder, grads: list[Value], max_norm: float) -> list[Value]:
     """torch.nn.utils.clip_grad_norm_: g *= min(max_norm / (‖all grads‖₂ + 1e-6), 1)."""
     b = b.at("optimizer-step/clip")
     squares = []
@@ -170,7 +148,7 @@ def clip_by_global_norm(b: Builder, grads: list[Value], max_norm: float) -> list
     total = b.op("tensor.sqrt", functools.reduce(b.add, squares))
     coef = b.div(b.f64(max_norm), b.add(total, b.f64(CLIP_EPS)))
     coef = b.op("tensor.minimum", coef, b.f64(1.0))
-    return [b.mul(g, b.scalar(coef, g)) for g in grads]
+    return [b.mul(g, b.in_dtype(coef, g)) for g in grads]
 
 
 # ---- the pass ----------------------------------------------------------------------------------
@@ -238,7 +216,7 @@ class OptimizerStep(Pass):
         lr = func.add_arg(F32, self._free_name(func, "lr"))
         step = func.add_arg(F32, self._free_name(func, "step"))
         loc = Location("optimizer-step")
-        b = Builder(rw, rw.value("tensor.cast", lr, dtype=DType.f64, loc=loc),
+        b = UpdateBuilder(rw, rw.value("tensor.cast", lr, dtype=DType.f64, loc=loc),
                     rw.value("tensor.cast", step, dtype=DType.f64, loc=loc), loc)
         schedule_after(func.body, list(rw.created), None)  # lr/step casts: first thing
         if self.max_grad_norm:

@@ -2,9 +2,10 @@
 
 A rule `fn(b, op, grads)` gets the gradients of the op's results (None where a result has none)
 and returns one gradient per operand (None: no gradient flows there, e.g. indices). Rules build
-IR through `Grad`, a thin builder over the `Rewriter` that knows broadcasting: every gradient it
-returns has exactly its operand's type. `tensor.slice` returns a `SlicePiece` instead of a value,
-so that the gradients of all the slices of one tensor become one concat (see autodiff.py).
+IR through `Builder` (lmc/ir/builder.py), a thin builder over the `Rewriter` that knows
+broadcasting: every gradient it returns has exactly its operand's type. `tensor.slice` returns
+a `SlicePiece` instead of a value, so that the gradients of all the slices of one tensor become
+one concat (see autodiff.py).
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lmc.errors import UnsupportedOpError
-from lmc.ir.core import Location, Op, Value
-from lmc.ir.rewriter import Rewriter
+from lmc.ir.builder import Builder
+from lmc.ir.core import Op, Value
 from lmc.ir.types import (
     DType,
     TensorType,
@@ -52,110 +53,6 @@ class SlicePiece:
     step: int
 
 
-class Grad:
-    """IR builder for gradient rules: arithmetic, constants and broadcasting helpers."""
-
-    def __init__(self, rw: Rewriter):
-        self.rw = rw
-        self.loc = Location()
-
-    def op(self, name: str, *operands: Value, type: TensorType | None = None, **attrs) -> Value:
-        return self.rw.value(name, *operands, result_type=type, loc=self.loc, **attrs)
-
-    # -- arithmetic (operands broadcast as numpy does) ----------------------------------------
-
-    def add(self, a, b):
-        return self.op("tensor.add", a, b)
-
-    def sub(self, a, b):
-        return self.op("tensor.sub", a, b)
-
-    def mul(self, a, b):
-        return self.op("tensor.mul", a, b)
-
-    def div(self, a, b):
-        return self.op("tensor.div", a, b)
-
-    def neg(self, a):
-        return self.op("tensor.neg", a)
-
-    def scalar(self, value: float, like: Value) -> Value:
-        return self.rw.constant(value, TensorType((), like.dtype), loc=self.loc)
-
-    def full(self, value: float, type: TensorType) -> Value:
-        return self.rw.constant(value, type, loc=self.loc)
-
-    def scale(self, a: Value, c: float) -> Value:
-        return self.mul(a, self.scalar(c, a))
-
-    def where(self, cond, a, b):
-        return self.op("tensor.where", cond, a, b)
-
-    def mask(self, cond: Value, g: Value) -> Value:
-        """g where cond holds, else 0."""
-        return self.where(cond, g, self.scalar(0.0, g))
-
-    def cast(self, v: Value, dtype: DType) -> Value:
-        return v if v.dtype is dtype else self.op("tensor.cast", v, dtype=dtype)
-
-    # -- shapes ---------------------------------------------------------------------------
-
-    def reshape(self, v: Value, shape) -> Value:
-        shape = tuple(shape)
-        if len(shape) == v.type.rank and all(dims_equal(a, b) for a, b in zip(shape, v.shape)):
-            return v
-        return self.op("tensor.reshape", v, type=v.type.with_shape(shape))
-
-    def broadcast(self, v: Value, shape) -> Value:
-        shape = tuple(shape)
-        if v.shape == shape:
-            return v
-        return self.op("tensor.broadcast", v, type=v.type.with_shape(shape))
-
-    def permute(self, v: Value, perm) -> Value:
-        return v if list(perm) == list(range(v.type.rank)) else self.op(
-            "tensor.permute", v, perm=tuple(perm))
-
-    def transpose(self, v: Value) -> Value:
-        """Swap the last two axes."""
-        r = v.type.rank
-        return self.permute(v, [*range(r - 2), r - 1, r - 2])
-
-    def sum(self, v: Value, axes, keepdim: bool = False) -> Value:
-        axes = tuple(axes)
-        return self.op("tensor.sum", v, axes=axes, keepdim=keepdim) if axes else v
-
-    def mean(self, v: Value, axes, keepdim: bool = False) -> Value:
-        return self.op("tensor.mean", v, axes=tuple(axes), keepdim=keepdim)
-
-    def sum_to(self, g: Value, t: TensorType) -> Value:
-        """Undo broadcasting: sum `g` over the axes that broadcasting added or stretched, so
-        that the result has type `t` (the operand's)."""
-        lead = g.type.rank - t.rank
-        stretched = [lead + i for i, d in enumerate(t.shape) if d == 1 and g.shape[lead + i] != 1]
-        out = self.sum(g, list(range(lead)) + stretched, keepdim=bool(stretched))
-        return self.cast(self.reshape(out, t.shape), t.dtype)
-
-    def unreduce(self, g: Value, x: TensorType, axes, keepdim: bool) -> Value:
-        """Broadcast the gradient of a reduction of `x` over `axes` back to x's shape."""
-        axes = {normalize_axis(a, x.rank) for a in (axes or range(x.rank))}
-        if not keepdim:
-            g = self.reshape(g, [1 if i in axes else d for i, d in enumerate(x.shape)])
-        return self.broadcast(g, x.shape)
-
-    def count(self, x: TensorType, axes) -> Value:
-        """The number of elements over `axes` of `x`, as a scalar of x's dtype (symbolic dims
-        give a sum of ones, which the backend computes from the run-time sizes)."""
-        dims = [x.shape[normalize_axis(a, x.rank)] for a in (axes or range(x.rank))]
-        n = dim_mul(*dims) if dims else 1
-        if isinstance(n, int):
-            return self.full(float(n), TensorType((), x.dtype))
-        return self.sum(self.full(1.0, TensorType(tuple(dims), x.dtype)), range(len(dims)))
-
-    def zeros(self, t: TensorType) -> Value:
-        return self.full(0.0, t)
-
-
 def _x(op: Op) -> Value:
     return op.operand_values[0]
 
@@ -170,7 +67,7 @@ def unsupported(op: Op, why: str) -> UnsupportedOpError:
 
 # ---- elementwise ---------------------------------------------------------------------------
 
-_UNARY: dict[str, Callable[[Grad, Value, Value, Value], Value]] = {
+_UNARY: dict[str, Callable[[Builder, Value, Value, Value], Value]] = {
     # (builder, x, y, g) → dx, for y = f(x)
     "tensor.neg": lambda b, x, y, g: b.neg(g),
     "tensor.exp": lambda b, x, y, g: b.mul(g, y),
@@ -189,14 +86,14 @@ _UNARY: dict[str, Callable[[Grad, Value, Value, Value], Value]] = {
 }
 
 
-def _sign(b: Grad, x: Value) -> Value:
+def _sign(b: Builder, x: Value) -> Value:
     zero = b.scalar(0.0, x)
     pos = b.where(b.op("tensor.gt", x, zero), b.scalar(1.0, x), zero)
     return b.where(b.op("tensor.lt", x, zero), b.scalar(-1.0, x), pos)
 
 
 @vjp(*_UNARY)
-def _unary(b: Grad, op: Op, gs):
+def _unary(b: Builder, op: Op, gs):
     return [_UNARY[op.name](b, _x(op), op.result, gs[0])]
 
 
@@ -403,7 +300,7 @@ def _slice(b, op, gs):
     return [SlicePiece(gs[0], ax, start, op.step)]
 
 
-def _pad_dense(b: Grad, g: Value, t: TensorType, ax: int, before) -> Value:
+def _pad_dense(b: Builder, g: Value, t: TensorType, ax: int, before) -> Value:
     """g placed at offset `before` along `ax` of zeros of type t (a concat with zero gaps)."""
     after = dim_sub(t.shape[ax], dim_add(before, g.shape[ax]))
     parts = [g]
@@ -453,11 +350,11 @@ def _end(before: int, size, after):
     return -after if isinstance(after, int) else dim_add(before, size)
 
 
-def _slice_of(b: Grad, g: Value, ax: int, start: int, end) -> Value:
+def _slice_of(b: Builder, g: Value, ax: int, start: int, end) -> Value:
     return b.op("tensor.slice", g, axis=ax, start=start, end=end, step=1)
 
 
-def _take_range(b: Grad, g: Value, ax: int, before: list, size) -> Value:
+def _take_range(b: Builder, g: Value, ax: int, before: list, size) -> Value:
     """g[Σbefore : Σbefore + size] along ax: indices iota + Σbefore, the offset computed at
     run time as a sum of ones (the IR has no shape-of op)."""
     idx = b.op("tensor.iota", type=TensorType((size,), DType.i64))
@@ -585,7 +482,7 @@ def _attention(b, op, gs):
     return out
 
 
-def _repeat_heads(b: Grad, t: Value, group: int) -> Value:
+def _repeat_heads(b: Builder, t: Value, group: int) -> Value:
     if group == 1:
         return t
     *lead, h, n, d = t.shape
@@ -593,14 +490,14 @@ def _repeat_heads(b: Grad, t: Value, group: int) -> Value:
     return b.reshape(grouped, (*lead, h * group, n, d))
 
 
-def _sum_heads(b: Grad, g: Value, t: Value, group: int) -> Value:
+def _sum_heads(b: Builder, g: Value, t: Value, group: int) -> Value:
     if group == 1:
         return g
     *lead, h, n, d = t.shape
     return b.sum(b.reshape(g, (*lead, h, group, n, d)), [len(lead) + 1])
 
 
-def _causal_keep(b: Grad, op: Op, q: Value, k: Value) -> Value:
+def _causal_keep(b: Builder, op: Op, q: Value, k: Value) -> Value:
     """keep[i, j] = j ≤ i + (Tk − Tq), as tensor.attention's causal flag means."""
     tq, tk = q.shape[-2], k.shape[-2]
     if dims_equal(tq, tk):
@@ -638,7 +535,7 @@ def _cross_entropy(b, op, gs):
     return [b.mul(d, _unsqueeze1(b, weight)), None]
 
 
-def _unsqueeze1(b: Grad, v: Value) -> Value:
+def _unsqueeze1(b: Builder, v: Value) -> Value:
     return b.reshape(v, v.shape[:1] + (1,) + v.shape[1:])
 
 
@@ -683,7 +580,7 @@ def _combine(b, op, gs):
     return [dy, None, b.reshape(dw, (n, k))]
 
 
-def operand_grads(b: Grad, op: Op, grads: Sequence[Value | None]) -> list:
+def operand_grads(b: Builder, op: Op, grads: Sequence[Value | None]) -> list:
     """The gradients of `op`'s operands given those of its results (the table's entry)."""
     rule = VJP.get(op.name)
     if rule is None:
