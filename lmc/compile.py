@@ -113,9 +113,8 @@ def _as_tuple(x) -> tuple:
 
 
 def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
+    from lmc.interop import to_numpy
+    return to_numpy(x)
 
 
 class CompiledModel:
@@ -172,8 +171,8 @@ class CompiledModel:
 
     def _pack(self, outs: list[np.ndarray], is_torch: bool):
         if is_torch:
-            import torch
-            outs = [torch.from_numpy(o if self._made_for_this_call(o) else np.array(o, order="C"))
+            from lmc.interop import to_torch
+            outs = [to_torch(o if self._made_for_this_call(o) else np.array(o, order="C"))
                     for o in outs]
         spec = self.module.meta.get("torch_out_spec")
         if is_torch and spec is not None and spec.num_leaves == len(outs):
@@ -200,7 +199,8 @@ def check_inputs(formal, inputs, takes: str) -> list[np.ndarray]:
 def check_input(i: int, name: str, t: TensorType, arr: np.ndarray, env: dict[str, int]) -> None:
     """Raise InputError unless `arr` fits type `t`; binds plain symbols in `env` as it goes."""
     where = f"input {i} ('{name}')"
-    if arr.dtype.kind not in "biuf":  # None, strings, objects: not a tensor at all
+    # None, strings, objects: not a tensor at all (ml_dtypes' bfloat16 is of kind "V")
+    if arr.dtype.kind not in "biuf" and arr.dtype.name != "bfloat16":
         raise InputError(f"{where}: expected a tensor or array of type {t}, got "
                          f"{'None' if arr.dtype.kind == 'O' and arr.ndim == 0 else arr.dtype}")
     if arr.ndim != t.rank:

@@ -31,6 +31,7 @@ def default_pipeline(options: CompileOptions) -> list[str]:
         "dce",
         *(["raise-attention",  # hand-written softmax(q kᵀ) v → tensor.attention
            "canonicalize",     # ... whose kᵀ permute then cancels
+           "widen-lowp",       # bf16/f16 GEMMs and attention compute in f32
            "fuse",             # kernel.fused groups: what the backend compiles
            "dce"] if options.target != "ref" else []),
     ]
@@ -46,5 +47,5 @@ def training_pipeline(options: CompileOptions, autodiff: str, optimizer: str) ->
         *(["raise-attention", "canonicalize"] if native else []),
         autodiff, optimizer,
         "canonicalize", "cse", "dce",
-        *(["fuse", "dce"] if native else []),
+        *(["widen-lowp", "fuse", "dce"] if native else []),
     ]

@@ -178,13 +178,13 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The model's weights as torch tensors, keyed as `model.state_dict()` (tied weights
         under every name they have; buffers and frozen parameters as they were)."""
-        import torch
+        from lmc.interop import to_torch
         out = {}
         for key, (name, original) in self._torch_state.items():
             if name is None:
                 out[key] = original
             else:
-                out[key] = torch.from_numpy(np.array(self.module.params[name]))
+                out[key] = to_torch(np.array(self.module.params[name]))
         return out
 
     def optimizer_state(self) -> dict[str, np.ndarray]:

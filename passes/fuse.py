@@ -3,7 +3,8 @@
 Groups, formed in this order (each op joins at most one group):
 1. anchors — every `tensor.matmul` / `moe.grouped_matmul` with its elementwise epilogue (bias,
    activation, residual, scale: the chain of single-use elementwise consumers of the same
-   shape), a LoRA branch `(x·Aᵀ)·Bᵀ·s` added to a base matmul of the same `x` joins its base
+   shape, and the single-use elementwise producers of the same shape of what it reads), a LoRA
+   branch `(x·Aᵀ)·Bᵀ·s` added to a base matmul of the same `x` joins its base
    matmul; every `tensor.attention` alone;
 2. reductions — softmax / log_softmax / layer_norm / rms_norm / sum / mean / max / min over
    trailing axes, with elementwise producers (prologue) and consumers (epilogue), and further
@@ -69,6 +70,15 @@ def column_axes(op: Op) -> tuple[int, ...] | None:
 def kernel_axes(op: Op) -> tuple[int, ...] | None:
     """The axes of a reduction kernel anchored at `op`, or None when it cannot anchor one."""
     return row_axes(op) if reduced_axes(op) is not None else column_axes(op)
+
+
+def _peel_scale(v: Value) -> tuple[Value, list[Op]]:
+    """(what `v` scales, [the scaling op]) for `v = u · c` or `u / c` (c a scalar constant)."""
+    op = v.op
+    if op is not None and op.name in ("tensor.mul", "tensor.div") and \
+            _is_scalar_constant(op.rhs):
+        return op.lhs, [op]
+    return v, []
 
 
 def _is_scalar_constant(v: Value) -> bool:
@@ -173,9 +183,28 @@ class _Fuser:
     # -- 1. anchors ----------------------------------------------------------------------------
 
     def grow_anchor(self, op: Op) -> None:
-        """A matmul / grouped matmul and the chain of its elementwise consumers."""
+        """A matmul / grouped matmul, the chain of its elementwise consumers, and the
+        elementwise producers of what that chain reads."""
         gid = self.new_group(op, ANCHORS[op.name])
         group = self.groups[gid]
+        self._grow_epilogue(op, gid, group)
+        self._pull_operand_producers(gid, group)
+
+    def _pull_operand_producers(self, gid: int, group: Group) -> None:
+        """An epilogue operand made by a single-use elementwise op of the matmul's own shape
+        (a backward graph's `g·W ⊙ gelu'(h)`) is computed in the epilogue from its inputs: the
+        kernel reads h instead of an intermediate written out and read back."""
+        shape, dtype = group.anchor.result.type.shape, group.anchor.result.dtype
+        todo = [o for o in group.ops if o.name in ELEMENTWISE]
+        while todo:
+            for v in todo.pop().operand_values:
+                p = v.op
+                if self.free(p) and p.name in ELEMENTWISE and len(v.uses) == 1 and \
+                        v.dtype is dtype and _same_shape(v.type.shape, shape) and \
+                        self.try_join(gid, p, group) is None:
+                    todo.append(p)
+
+    def _grow_epilogue(self, op: Op, gid: int, group: Group) -> None:
         cur = op.result
         while True:
             users = cur.users
@@ -207,6 +236,11 @@ class _Fuser:
             return f"{user.name} is not elementwise"
         if not _same_shape(user.result.type.shape, cur.type.shape):
             return f"its result {user.result.type} is larger than the matmul's {cur.type}"
+        if user.result.dtype is not group.anchor.result.dtype:
+            # The GEMM driver runs the epilogue in place in its C buffer, of the anchor's dtype
+            # (a bf16 model's `cast(f32 matmul → bf16)` starts an elementwise kernel instead).
+            return f"its result is {user.result.dtype.value}, the matmul's C buffer " \
+                   f"{group.anchor.result.dtype.value}"
         return None
 
     def _lora_branch(self, add: Op, base: Op, gid: int, group: Group) -> bool | None:
@@ -215,17 +249,15 @@ class _Fuser:
         if add.name != "tensor.add" or base.name != "tensor.matmul":
             return None
         other = add.rhs if add.lhs.op is not None and add.lhs.op in group.ops else add.lhs
-        chain: list[Op] = []
-        v = other
-        scale = v.op if v.op is not None and v.op.name in ("tensor.mul", "tensor.div") else None
-        if scale is not None and _is_scalar_constant(scale.rhs):
-            chain.append(scale)
-            v = scale.lhs
+        v, outer = _peel_scale(other)
         up = v.op
-        down = up.lhs.op if up is not None and up.name == "tensor.matmul" else None
+        if up is None or up.name != "tensor.matmul":
+            return None
+        v, inner = _peel_scale(up.lhs)  # the scale may sit between the two (x·Aᵀ·s)·Bᵀ
+        down = v.op
         if down is None or down.name != "tensor.matmul" or down.lhs is not base.lhs:
             return None
-        chain += [up, down]
+        chain = [*outer, up, *inner, down]
         if any(len(c.result.uses) != 1 or not self.free(c) for c in chain):
             return False
         return all(self.try_join(gid, c, group) is None for c in reversed(chain))

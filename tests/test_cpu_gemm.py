@@ -15,7 +15,7 @@ from backends.cpu import GemmConfig, Relu, compile_gemm, host_target, sgemm
 from backends.cpu import threads as cpu_threads
 from backends.cpu.gemm import TileEpilogue, default_config
 from backends.cpu.jit import HostTarget, JitError
-from backends.cpu.threads import batched_sgemm, grouped_sgemm, prepack_b
+from backends.cpu.threads import LowRank, batched_sgemm, grouped_sgemm, prepack_b
 from backends.reference.interpreter import IMPL
 from lmc.errors import ShapeError
 
@@ -394,6 +394,44 @@ def test_prepacked_b(monkeypatch, m, n, k, config):
     if config is not None:
         with pytest.raises(ShapeError, match="packed for"):
             sgemm(a, packed, config=GemmConfig(vl=8, mr=6, nv=2, kc=32, mc=12, nc=32))
+
+
+# -- the low-rank (LoRA) branch: x @ down as extra columns of the same pass over x --
+
+
+@pytest.mark.parametrize("m,n,k,r", [(1, 1, 1, 1), (7, 29, 33, 3), (129, 40, 300, 17),
+                                     (300, 700, 64, 40), (64, 5000, 100, 8), (13, 515, 7, 16)])
+@pytest.mark.parametrize("config", [None, SMALL_BLOCKS, WIDE_BLOCKS],
+                         ids=["default", "small-blocks", "wide-blocks"])
+def test_low_rank_branch(monkeypatch, m, n, k, r, config):
+    monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    rng, seed = _rng()
+    x, w, bias = _rand(rng, m, k), _rand(rng, k, n), _rand(rng, n)
+    down, up, scale = _rand(rng, r, k), _rand(rng, n, r), float(rng.uniform(-2, 2))
+    branch = LowRank(prepack_b(down, trans_b=True, config=config),
+                     prepack_b(up, trans_b=True, config=config), scale)
+    # As one GEMM of x by [w | down] then [up·s] on the rows: the same bound on the error.
+    cat = np.concatenate([x, scale * (x.astype(np.float64) @ down.T)], axis=1)
+    wide = np.concatenate([w, up.T], axis=0)
+    for b in (w, prepack_b(w, config=config)):
+        for threads in (1, 2):
+            got = sgemm(x, b, bias=bias, low_rank=branch, threads=threads, config=config)
+            _check(got, cat, wide, seed, bias=bias)
+
+
+def test_low_rank_branch_with_accumulation_and_errors():
+    rng, seed = _rng()
+    x, w, c0 = _rand(rng, 50, 70), _rand(rng, 70, 90), _rand(rng, 50, 90)
+    down, up = _rand(rng, 4, 70), _rand(rng, 90, 4)
+    branch = LowRank(prepack_b(down, trans_b=True), prepack_b(up, trans_b=True), 0.5)
+    out = c0.copy()
+    sgemm(x, w, out=out, beta=1.0, alpha=2.0, low_rank=branch)
+    cat = np.concatenate([2.0 * x, 0.5 * (x.astype(np.float64) @ down.T)], axis=1)
+    _check(out, cat, np.concatenate([w, up.T]), seed, c0=c0, beta=1.0)
+    with pytest.raises(ShapeError, match="register epilogues"):
+        sgemm(x, w, epilogue=(Relu(),), low_rank=branch)
+    with pytest.raises(ShapeError, match="does not fit"):
+        sgemm(x[:, :60], w[:60], low_rank=branch)
 
 
 # -- grouped (MoE) GEMM, against the reference interpreter --

@@ -36,7 +36,7 @@ PTR_ALIGN = 64  # packed buffers are allocated 64-byte aligned (see threads.py)
 # tile it cost 10-25 % of a fused GEMM (each call's operand rows were cold cache misses).
 EPILOGUE_COLS = 256
 # A job record of the batch entry (`render_jobs`): i64 words, then one pointer per column operand.
-JOB_FIELDS = ("m", "n", "k", "a", "b", "c", "row0", "col0")
+JOB_FIELDS = ("m", "n", "k", "a", "b", "c", "row0", "col0", "up", "tbuf")
 # The tile epilogue's parameters: (c, ldc, row0, col0, mr, nr, args), see `TileEpilogue`.
 TILE_EPILOGUE_TYPES = ("ptr", "i64", "i64", "i64", "i64", "i64", "ptr")
 
@@ -412,13 +412,16 @@ def _copy_block(w: FunctionWriter, src: str, lds: str, dst: str, ldd: str, rows:
 
 DRIVER_ARGS = ("i64 %M, i64 %N, i64 %K, ptr %A, i64 %rsa, i64 %csa, ptr %B, i64 %rsb, i64 %csb, "
                "ptr %C, i64 %ldc, float %alpha, float %beta, ptr %apack, ptr %bpack, "
-               "i64 %b_packed, ptr %epi_args, i64 %row0, i64 %col0")
+               "i64 %b_packed, ptr %epi_args, i64 %row0, i64 %col0, "
+               "ptr %side, i64 %rank, float %up_alpha, ptr %up, ptr %tbuf")
 
 
 def render_driver(cfg: GemmConfig, name: str, names: dict[str, str], n_cols: int,
                   tile_epilogue: TileEpilogue | None = None) -> str:
     """`name(DRIVER_ARGS, colops...)`: C[M, N] of one call; (row0, col0) is its global offset
-    for the tile epilogue. `b_packed` != 0: B is already packed full K deep (see `prepack_b`)."""
+    for the tile epilogue. `b_packed` != 0: B is already packed full K deep (see `prepack_b`).
+    `rank` > 0: a low-rank branch C += up_alpha * (A @ side) @ up in the same pass over A
+    (`_low_rank_down`); `side` [K, rank] and `up` [rank, N] are packed like a prepacked B."""
     cols = "".join(f", ptr %colop{i}" for i in range(n_cols))
     w = FunctionWriter(f"void @{name}({DRIVER_ARGS}{cols})")
     kstep, mstep = _even_step(w, "%K", cfg.kc, 1), _even_step(w, "%M", cfg.mc, cfg.mr)
@@ -426,6 +429,7 @@ def render_driver(cfg: GemmConfig, name: str, names: dict[str, str], n_cols: int
     # K == 0 still makes one pass with kc = 0: C = beta*C and the epilogues run exactly once.
     kend = w.value("call i64 @llvm.smax.i64(i64 %K, i64 1)")
     packed = w.value("icmp ne i64 %b_packed, 0")
+    low_rank = w.value("icmp sgt i64 %rank, 0")
     with w.loop("0", "%N", nstep, "jc") as jc:
         nc = w.smin(nstep, w.op("sub", "%N", jc))
         with w.loop("0", kend, kstep, "pc") as pc:
@@ -442,14 +446,55 @@ def render_driver(cfg: GemmConfig, name: str, names: dict[str, str], n_cols: int
                                            w.op("mul", pc, str(cfg.nr))))
             bbase = w.value(f"select i1 {packed}, ptr {packed_base}, ptr %bpack")
             pstride = w.value(f"select i1 {packed}, i64 %K, i64 {kc}")
+            lr_last = w.op("and", low_rank, last, "i1")
             with w.loop("0", "%M", mstep, "ic") as ic:
                 mc = w.smin(mstep, w.op("sub", "%M", ic))
                 a_src = w.gep("%A", w.op("add", w.op("mul", ic, "%rsa"), w.op("mul", pc, "%csa")))
                 w.emit(f"call void @{names['pack_a']}(ptr {a_src}, i64 %rsa, i64 %csa, "
                        f"i64 {mc}, i64 {kc}, ptr %apack)")
-                _macro_kernel(w, cfg, names["ukernel"], n_cols,
-                              (ic, jc, mc, nc, kc, first, last, bbase, pstride), tile_epilogue)
+                block = (ic, jc, mc, nc, kc, first, last, bbase, pstride, lr_last)
+                with w.if_(w.op("and", low_rank, w.value(f"icmp eq i64 {jc}, 0"), "i1"),
+                           "low.rank"):
+                    _low_rank_down(w, cfg, names, n_cols, block, pc)
+                with w.if_(lr_last, "low.rank.pack"):  # T's rows are final: panels for tiles
+                    rows = w.gep("%tbuf", w.op("mul", ic, _side_ld(w, cfg)))
+                    w.emit(f"call void @{names['pack_a']}(ptr {rows}, i64 {_side_ld(w, cfg)}, "
+                           f"i64 1, i64 {mc}, i64 %rank, ptr {_t_panels(w, cfg)})")
+                _macro_kernel(w, cfg, names["ukernel"], n_cols, block, tile_epilogue)
     return w.text()
+
+
+def _side_ld(w: FunctionWriter, cfg: GemmConfig) -> str:
+    """Row stride of the low-rank intermediate T [M, rank] in %tbuf: rank rounded up to NR."""
+    return w.op("mul", w.op("sdiv", w.op("add", "%rank", str(cfg.nr - 1)), str(cfg.nr)),
+                str(cfg.nr))
+
+
+def _t_panels(w: FunctionWriter, cfg: GemmConfig) -> str:
+    """Where the MR-row panels of T's current rows go: after T, on a 64-byte boundary."""
+    t_floats = w.op("mul", "%M", _side_ld(w, cfg))
+    aligned = w.op("and", w.op("add", t_floats, str(PTR_ALIGN // 4 - 1)), str(-(PTR_ALIGN // 4)))
+    return w.gep("%tbuf", aligned)
+
+
+def _low_rank_down(w: FunctionWriter, cfg: GemmConfig, names: dict[str, str], n_cols: int,
+                   block, pc: str) -> None:
+    """T[rows] (+)= A block @ side, from the packed A block the main tiles use: LoRA's x·Aᵀ
+    costs no second read of x. T accumulates over the K blocks like C (`first`); it is made
+    in the first column block, and every column block's last K block packs its final rows as
+    MR panels for the tiles' rank-r update."""
+    ic, _, mc, _, kc, first = block[:6]
+    ldt = _side_ld(w, cfg)
+    with w.loop("0", "%rank", cfg.nr, "sp") as sp:
+        nr = w.smin(str(cfg.nr), w.op("sub", "%rank", sp))
+        bp = w.gep("%side", w.op("add", w.op("mul", sp, "%K"), w.op("mul", pc, str(cfg.nr))))
+        with w.loop("0", mc, cfg.mr, "sr") as ir:
+            mr = w.smin(str(cfg.mr), w.op("sub", mc, ir))
+            t = w.gep("%tbuf", w.op("add", w.op("mul", w.op("add", ic, ir), ldt), sp))
+            ap = w.gep("%apack", w.op("mul", ir, kc))
+            w.emit(f"call void @{names['ukernel']}(i64 {kc}, ptr {ap}, "
+                   f"ptr {bp}, ptr {t}, i64 {ldt}, i64 {mr}, i64 {nr}, i1 {first}, i1 false, "
+                   f"float {fconst(1.0)}, float {fconst(0.0)}" + ", ptr null" * n_cols + ")")
 
 
 def _even_step(w: FunctionWriter, total: str, block: int, unit: int) -> str:
@@ -484,25 +529,34 @@ def _macro_kernel(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int,
 
 def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block, j0: str,
             j1: str) -> None:
-    """The micro-kernel on every MR x NR tile of columns [j0, j1) of the mc x nc block."""
-    ic, jc, mc, nc, kc, first, last, bbase, pstride = block
+    """The micro-kernel on every MR x NR tile of columns [j0, j1) of the mc x nc block; with a
+    low-rank branch, on the last K block each finished tile, still in L1, gets its rank-r
+    update up_alpha * T[rows] @ up[:, cols] (before the tile epilogue sees it)."""
+    ic, jc, mc, nc, kc, first, last, bbase, pstride, lr_last = block
+    t_panels = _t_panels(w, cfg)
     with w.loop(j0, j1, cfg.nr, "jr") as jr:
         nr = w.smin(str(cfg.nr), w.op("sub", nc, jr))
         col = w.op("add", jc, jr)
         bp = w.gep(bbase, w.op("mul", jr, pstride))
+        up = w.gep("%up", w.op("mul", col, "%rank"))
         col_args = "".join(f", ptr {w.gep(f'%colop{i}', col)}" for i in range(n_cols))
         with w.loop("0", mc, cfg.mr, "ir") as ir:
             mr = w.smin(str(cfg.mr), w.op("sub", mc, ir))
             ap = w.gep("%apack", w.op("mul", ir, kc))
             row = w.op("add", ic, ir)
             c = w.gep("%C", w.op("add", w.op("mul", row, "%ldc"), col))
-            w.emit(f"call void @{ukernel}(i64 {kc}, ptr {ap}, ptr {bp}, ptr {c}, i64 %ldc, "
-                   f"i64 {mr}, i64 {nr}, i1 {first}, i1 {last}, float %alpha, float %beta"
-                   f"{col_args})")
+            tile = f"ptr {c}, i64 %ldc, i64 {mr}, i64 {nr}"
+            w.emit(f"call void @{ukernel}(i64 {kc}, ptr {ap}, ptr {bp}, {tile}, i1 {first}, "
+                   f"i1 {last}, float %alpha, float %beta{col_args})")
+            with w.if_(lr_last, "rank.update"):
+                tp = w.gep(t_panels, w.op("mul", ir, "%rank"))
+                w.emit(f"call void @{ukernel}(i64 %rank, ptr {tp}, ptr {up}, {tile}, i1 false, "
+                       f"i1 false, float %up_alpha, float {fconst(1.0)}{col_args})")
 
 
 JOBS_ARGS = ("i64 %njobs, ptr %jobs, i64 %rsa, i64 %csa, i64 %rsb, i64 %csb, i64 %ldc, "
-             "float %alpha, float %beta, ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args")
+             "float %alpha, float %beta, ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, "
+             "ptr %side, i64 %rank, float %up_alpha")
 
 
 def render_jobs(name: str, driver: str, n_cols: int) -> str:
@@ -514,21 +568,22 @@ def render_jobs(name: str, driver: str, n_cols: int) -> str:
     with w.loop("0", "%njobs", 1, "job") as job:
         rec = w.gep("%jobs", w.op("mul", job, str(width)), "i64")
         words = [w.load("i64", w.gep(rec, str(i), "i64"), 8) for i in range(width)]
-        m, n, k, a, b, c, row0, col0 = words[:len(JOB_FIELDS)]
-        a, b, c, *cols = (w.value(f"inttoptr i64 {x} to ptr")
-                          for x in [a, b, c, *words[len(JOB_FIELDS):]])
+        m, n, k, a, b, c, row0, col0, up, tbuf = words[:len(JOB_FIELDS)]
+        a, b, c, up, tbuf, *cols = (w.value(f"inttoptr i64 {x} to ptr")
+                                    for x in [a, b, c, up, tbuf, *words[len(JOB_FIELDS):]])
         w.emit(f"call void @{driver}(i64 {m}, i64 {n}, i64 {k}, ptr {a}, i64 %rsa, i64 %csa, "
                f"ptr {b}, i64 %rsb, i64 %csb, ptr {c}, i64 %ldc, float %alpha, float %beta, "
-               f"ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, i64 {row0}, i64 {col0}"
+               f"ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, i64 {row0}, i64 {col0}, "
+               f"ptr %side, i64 %rank, float %up_alpha, ptr {up}, ptr {tbuf}"
                + "".join(f", ptr {p}" for p in cols) + ")")
     return w.text()
 
 
 # A pool worker's native task: `void @task(ptr %args, ptr %scratch)`, args = i64 words
-# (TASK_FIELDS; alpha and beta as the bits of a double), scratch = the worker's own memory
+# (TASK_FIELDS; alpha, beta and up_alpha as the bits of a double), scratch = the worker's own memory
 # (>= task_scratch_bytes), holding its packed panels. It runs without the GIL (threads.py).
 TASK_FIELDS = ("njobs", "jobs", "rsa", "csa", "rsb", "csb", "ldc", "alpha", "beta", "b_packed",
-               "epi_args")
+               "epi_args", "side", "rank", "up_alpha")
 
 
 def task_scratch_bytes(cfg: GemmConfig) -> int:
@@ -545,13 +600,14 @@ def render_task(cfg: GemmConfig, name: str, jobs: str) -> str:
     w = FunctionWriter(f"void @{name}(ptr %args, ptr align {PTR_ALIGN} %scratch)")
     words = {f: w.load("i64", w.gep("%args", str(i), "i64"), 8) for i, f in enumerate(TASK_FIELDS)}
     scalars = {f: w.value(f"fptrunc double {w.value(f'bitcast i64 {words[f]} to double')} to "
-                          f"float") for f in ("alpha", "beta")}
-    ptrs = {f: w.value(f"inttoptr i64 {words[f]} to ptr") for f in ("jobs", "epi_args")}
+                          f"float") for f in ("alpha", "beta", "up_alpha")}
+    ptrs = {f: w.value(f"inttoptr i64 {words[f]} to ptr") for f in ("jobs", "epi_args", "side")}
     bpack = w.gep("%scratch", str(_a_pack_bytes(cfg)), "i8")
     w.emit(f"call void @{jobs}(i64 {words['njobs']}, ptr {ptrs['jobs']}, i64 {words['rsa']}, "
            f"i64 {words['csa']}, i64 {words['rsb']}, i64 {words['csb']}, i64 {words['ldc']}, "
            f"float {scalars['alpha']}, float {scalars['beta']}, ptr %scratch, ptr {bpack}, "
-           f"i64 {words['b_packed']}, ptr {ptrs['epi_args']})")
+           f"i64 {words['b_packed']}, ptr {ptrs['epi_args']}, ptr {ptrs['side']}, "
+           f"i64 {words['rank']}, float {scalars['up_alpha']})")
     return w.text()
 
 
@@ -610,8 +666,9 @@ def render_gemm_module(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = (),
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _DRIVER_TYPES = [_I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _F32, _F32,
-                 _PTR, _PTR, _I64, _PTR, _I64, _I64]
-_JOBS_TYPES = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _PTR, _PTR, _I64, _PTR]
+                 _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _F32, _PTR, _PTR]
+_JOBS_TYPES = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _PTR, _PTR, _I64, _PTR,
+               _PTR, _I64, _F32]
 
 
 @dataclass
@@ -636,14 +693,16 @@ class GemmKernel:
                  *cols, b_packed: bool = False, epi_args: int = 0, row0: int = 0,
                  col0: int = 0) -> None:
         self.fn(m, n, k, a, rsa, csa, b, rsb, csb, c, ldc, alpha, beta, apack, bpack,
-                int(b_packed), epi_args, row0, col0, *cols)
+                int(b_packed), epi_args, row0, col0, 0, 0, 0.0, 0, 0, *cols)
 
     def run_jobs(self, njobs: int, jobs: int, a_strides: tuple[int, int],
                  b_strides: tuple[int, int], ldc: int, alpha: float, beta: float, apack: int,
-                 bpack: int, b_packed: bool, epi_args: int) -> None:
-        """The driver on `njobs` records (JOB_FIELDS + column operands) at address `jobs`."""
+                 bpack: int, b_packed: bool, epi_args: int,
+                 low_rank: tuple[int, int, float] = (0, 0, 0.0)) -> None:
+        """The driver on `njobs` records (JOB_FIELDS + column operands) at address `jobs`;
+        `low_rank` = (side panels address, rank, up_alpha), rank 0 for none."""
         self.jobs_fn(njobs, jobs, *a_strides, *b_strides, ldc, alpha, beta, apack, bpack,
-                     int(b_packed), epi_args)
+                     int(b_packed), epi_args, *low_rank)
 
 
 _kernels: dict[tuple, GemmKernel] = {}

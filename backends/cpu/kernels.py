@@ -45,8 +45,12 @@ def build_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Call
         from .loops import compile_loop_kernel
         kernel = compile_loop_kernel(op, target)
         return LoopLauncher(kernel, threads)
-    if not all(v.dtype is DType.f32 for v in op.operand_values if v.dtype.is_float):
-        return None  # fp32 GEMM/attention kernels only (bf16/f16 storage: loop kernels only)
+    # The GEMM and attention kernels are f32 in and out (the epilogue runs in the f32 C buffer):
+    # `widen-lowp` gives a bf16/f16 model's ones f32 operands. Anything else (f64, a pipeline
+    # without widen-lowp) runs in the interpreter, listed in the report's `fallback`.
+    values = [*op.operand_values, *op.result_values]
+    if not all(v.dtype is DType.f32 for v in values if v.dtype.is_float):
+        return None
     if kind == "attention":
         return AttentionLauncher(op.body.ops[0], target, threads)
     if kind in ANCHOR:
@@ -117,6 +121,17 @@ class _Split:
     inputs: list[Value]  # body values the epilogue reads, other than the anchor's result
     alpha: dict[Op, float] = field(default_factory=dict)  # branch GEMM → its folded scale
     alias: dict[Value, Value] = field(default_factory=dict)  # folded `g·c` → g's result
+    low_rank: _LowRank | None = None  # the LoRA branch, when the GEMM computes it itself
+
+
+@dataclass(frozen=True)
+class _LowRank:
+    """`x·D` then `·U` (scaled) added to the anchor's sum: the GEMM's low-rank branch."""
+
+    down: Op
+    up: Op
+    scale: float
+    renamed: dict[Value, Value]  # the dropped add's result → the epilogue value it added to
 
 
 def split_body(body: Block, anchor_name: str) -> _Split:
@@ -124,23 +139,37 @@ def split_body(body: Block, anchor_name: str) -> _Split:
     args = set(body.args)
     gemms = [o for o in ops if o.name == anchor_name]
     anchors = [o for o in gemms if o.operand_values[0] in args and o.operand_values[1] in args
-               and not any(u.name == anchor_name for u in o.result.users)]
+               and not any(d.name == anchor_name for d in _downstream(o, ops))]
     if len(anchors) != 1:
         raise ValueError(f"a {anchor_name} kernel body needs one anchor, found {len(anchors)}")
     anchor = anchors[0]
-    after = {anchor.result}
-    for o in ops:
-        if any(v in after for v in o.operand_values):
-            after.update(o.result_values)
-    epilogue = [o for o in ops if o.result_values[0] in after and o is not anchor]
+    after = {anchor} | set(_downstream(anchor, ops))
+    # The prologue: the LoRA branch (its GEMMs and what they read or feed) run before the
+    # anchor; other ops that do not depend on the anchor only feed the epilogue (fuse pulls
+    # in single-use producers of its operands) and are computed in it.
+    branch = {o for g in gemms if g is not anchor for o in (g, *_downstream(g, ops))}
+    branch |= {o for o in ops if any(g in branch for g in _downstream(o, ops))}
+    prologue = [o for o in ops if o in branch - after and o.name != "tensor.constant"]
+    epilogue = [o for o in ops if o not in prologue and o is not anchor
+                and o.name != "tensor.constant"]
     used = {v for o in epilogue for v in o.operand_values}
     epilogue = [o for o in ops if o.name == "tensor.constant" and o.result in used] + epilogue
-    prologue = [o for o in ops if o.result_values[0] not in after and o.name != "tensor.constant"]
     made = {v for o in epilogue for v in o.result_values} | {anchor.result}
     inputs = list(dict.fromkeys(v for o in epilogue for v in o.operand_values if v not in made))
     split = _Split(anchor, prologue, epilogue, inputs)
     _fold_scales(split)
+    _take_low_rank(split)
     return split
+
+
+def _downstream(op: Op, ops: list[Op]) -> list[Op]:
+    """The ops of `ops` (in order) that read op's result, directly or not."""
+    reached, found = {op.result}, []
+    for o in ops:
+        if any(v in reached for v in o.operand_values):
+            reached.update(o.result_values)
+            found.append(o)
+    return found
 
 
 def _fold_scales(split: _Split) -> None:
@@ -156,14 +185,60 @@ def _fold_scales(split: _Split) -> None:
             split.alias[o.result] = g.result
 
 
-def _outlined(kind: str, arg_values: list[Value], ops: list[Op], result: Value) -> Op:
+def _take_low_rank(split: _Split) -> None:
+    """A LoRA branch `(x·D)·U·s` added to the anchor's `x·W` through adds only (bias,
+    residual: they commute with it) becomes the GEMM's own low-rank branch (gemm.py: x·D is
+    computed in the pass over x that x·W makes, the rank-r product added to each finished
+    tile); the epilogue then reads the anchor's sum in place of the add's result."""
+    a = split.anchor
+    if a.name != "tensor.matmul" or len(split.prologue) != 2:
+        return
+    down, up = split.prologue
+    if not (down.name == up.name == "tensor.matmul" and down.lhs is a.lhs
+            and split.alias.get(up.lhs, up.lhs) is down.result and len(down.result.uses) == 1
+            and down.rhs.type.rank == up.rhs.type.rank == 2 == a.rhs.type.rank):
+        return
+    branch = next((new for new, old in split.alias.items() if old is up.result), up.result)
+    users = branch.users
+    if len(users) != 1 or users[0].name != "tensor.add" or branch.type != a.result.type:
+        return
+    add = users[0]
+    if not _additive_chain(add.lhs if add.rhs is branch else add.rhs, a.result, split.epilogue):
+        return
+    kept = add.lhs if add.rhs is branch else add.rhs
+    scale = split.alpha.get(down, 1.0) * split.alpha.get(up, 1.0)
+    split.low_rank = _LowRank(down, up, scale, {add.result: kept})
+    split.prologue, split.alias = [], {}
+    split.epilogue = [o for o in split.epilogue if o is not add]
+    split.inputs = [v for v in split.inputs if v is not branch]
+
+
+def _additive_chain(v: Value, anchor: Value, epilogue: list[Op]) -> bool:
+    """v = anchor + c1 + c2 ... through single-use adds of values that do not depend on the
+    anchor: adding the branch to the anchor's sum first gives the same v + branch."""
+    while v is not anchor:
+        op = v.op
+        if op not in epilogue or op.name != "tensor.add" or len(v.uses) != 1 \
+                or v.type != anchor.type:
+            return False
+        on_chain = [x for x in op.operand_values if x is anchor or x.op in epilogue]
+        if len(on_chain) != 1:
+            return False
+        v = on_chain[0]
+    return len(anchor.uses) == 1
+
+
+def _outlined(kind: str, arg_values: list[Value], ops: list[Op], result: Value,
+              alias: dict[Value, Value] | None = None) -> Op:
     """A free-standing kernel.fused whose body clones `ops`, its args standing for
-    `arg_values`: the part of a fused body one kernel generator compiles."""
+    `arg_values`: the part of a fused body one kernel generator compiles. `alias`: values
+    of the original body that stand for others (a dropped op's result → what replaces it)."""
     body = Block([v.type for v in arg_values])
     mapping = dict(zip(arg_values, body.args))
+    alias = alias or {}
     for o in ops:
-        body.append(o.clone([mapping[v] for v in o.operand_values], mapping))
-    body.append(op_class("kernel.yield")([mapping[result]]))
+        body.append(o.clone([mapping[alias.get(v, v)] for v in o.operand_values], mapping))
+    body.append(op_class("kernel.yield")([mapping[alias.get(result, result)]]))
     free = Block([v.type for v in arg_values]).args  # operands outside any function
     return op_class("kernel.fused")(free, {"kind": kind}, [result.type], [Region([body])])
 
@@ -191,18 +266,29 @@ class GemmLauncher:
         if s.epilogue:
             self._epilogue(s)
         self.packed = None  # the anchor's constant weight, packed once (`prepack`)
+        self.branch_packed: dict[Value, object] = {}  # the same for the low-rank branch
         self.kernel = None
         if self._two_d():  # compiled now, not on the first call
             self.kernel = compile_gemm(None, (), self.target, self.tile)
             self.modules.insert(0, self.kernel.llvm_ir)
 
     def prepack(self, arg: int, weight: np.ndarray) -> None:
-        """Body argument `arg` is this constant array: if it is the anchor's weight, pack it
-        into GEMM panels now, so that no call packs it again."""
+        """Body argument `arg` is this constant array: if it is the anchor's weight (or a
+        weight of its low-rank branch), pack it into GEMM panels now, so that no call packs it
+        again."""
         from .threads import prepack_b
-        weight_arg = self.split.anchor.operand_values[1]
-        if self.kernel is not None and self.op.body.args[arg] is weight_arg:
+        if self.kernel is None:
+            return
+        value = self.op.body.args[arg]
+        if value is self.split.anchor.operand_values[1]:
             self.packed = prepack_b(weight, kernel=self.kernel)
+        if value in self.branch_weights:
+            self.branch_packed[value] = prepack_b(weight, kernel=self.kernel)
+
+    @property
+    def branch_weights(self) -> tuple[Value, ...]:
+        lr = self.split.low_rank
+        return () if lr is None else (lr.down.rhs, lr.up.rhs)
 
     def _epilogue(self, s: _Split) -> None:
         from .loops import compile_loop_kernel, render_tile_epilogue
@@ -210,7 +296,7 @@ class GemmLauncher:
         if self._two_d():
             operands = list(a.operand_values)
             tile_op = _outlined(self.op.kind, operands + s.inputs, [a, *s.epilogue],
-                                self.result)
+                                self.result, s.low_rank.renamed if s.low_rank else None)
             # The epilogue is its own small module, called through a pointer by one GEMM
             # module that every matmul shares: a cold compile builds the ~1 s GEMM once, not
             # once per distinct epilogue. An indirect call per block of C costs nothing.
@@ -279,9 +365,21 @@ class GemmLauncher:
         flat = out.reshape(-1, n)
         if not np.shares_memory(flat, out):  # a reshape that copied would lose the result
             raise ValueError("the matmul output must be contiguous")
+        low_rank = self._low_rank(vals) if g is self.split.anchor else None
         sgemm(x.reshape(-1, x.shape[-1]), w, out=flat, alpha=alpha, tile_epilogue=tile,
-              epi_args=epi_args, **opts)
+              epi_args=epi_args, low_rank=low_rank, **opts)
         return out
+
+    def _low_rank(self, vals):
+        """The branch's weights packed for the GEMM (once, if constant; else per call: they
+        are rank-r thin, so packing costs little next to the GEMM)."""
+        from .threads import LowRank, prepack_b
+        lr = self.split.low_rank
+        if lr is None:
+            return None
+        down, up = (self.branch_packed.get(v) or prepack_b(vals[v], kernel=self.kernel)
+                    for v in self.branch_weights)
+        return LowRank(down, up, lr.scale)
 
 
 @dataclass(frozen=True)

@@ -654,27 +654,27 @@ def compile_loop_kernel(op: Op, target: HostTarget | None = None,
 # ---- GEMM tile epilogues -----------------------------------------------------------------------
 
 def _epilogue_ops(op: Op, anchor: Op) -> tuple[list[Op], list[Value], Value]:
-    """The ops after `anchor` that depend on it (plus the constants they read), the values they
-    read from outside (body arguments, in first-use order) and the result written back."""
+    """The ops the result is computed by from the anchor's (in body order, the constants they
+    read included; also ops on other inputs only, e.g. a gelu'(h) the epilogue multiplies by),
+    the values they read from outside (body arguments, in first-use order) and the result
+    written back."""
     body = op.body
     term = body.terminator
     if len(term.operand_values) != 1:
         raise EmitError(op, "a tile epilogue writes back exactly one result")
-    made, ops, reads = {anchor.result}, [], []
-    for o in body.ops[body.index(anchor) + 1:]:
-        if o is term or not any(v in made for v in o.operand_values):
-            continue
-        ops.append(o)
-        made.add(o.result)
-    consts = [o for o in body.ops if o.name == "tensor.constant"]
-    ops = [o for o in consts if any(o.result in u.operand_values for u in ops)] + ops
-    made |= {o.result for o in ops}
-    for o in ops:
-        for v in o.operand_values:
-            if v not in made and v not in reads:
-                reads.append(v)
     result = term.operand_values[0]
-    if result not in made or result.dtype.value != "f32":
+    needed, stack, from_anchor = set(), [result], False
+    while stack:  # the result's producers, up to the anchor and the body arguments
+        v = stack.pop()
+        from_anchor |= v.op is anchor
+        if v in needed or v.op is None or v.op is anchor:
+            continue
+        needed.add(v)
+        stack += v.op.operand_values
+    ops = [o for o in body.ops if o is not anchor and any(r in needed for r in o.result_values)]
+    made = {anchor.result} | {r for o in ops for r in o.result_values}
+    reads = list(dict.fromkeys(v for o in ops for v in o.operand_values if v not in made))
+    if not from_anchor or result.dtype.value != "f32":
         raise EmitError(op, f"the tile epilogue result must be the f32 value computed from the "
                             f"anchor, got {result.type}")
     return ops, reads, result

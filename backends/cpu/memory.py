@@ -26,6 +26,10 @@ class Buffer:
     type: TensorType
     start: int
     end: int
+    # Stored as `permute(value, perm)` would be, contiguous: when the value is only read
+    # through that permute (attention heads merged back, `[B, H, T, d] → [B, T, H, d]`), the
+    # reshape after it is a view instead of a copy. The kernel writes through strides.
+    perm: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -48,7 +52,12 @@ class Layout:
         shape = eval_shape(buf.type.shape, env)
         count = int(np.prod(shape, dtype=np.int64))
         start = self.offsets[buf.slot]
-        view = self.arena[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+        flat = self.arena[start:start + count * dtype.itemsize].view(dtype)
+        if buf.perm is None:
+            view = flat.reshape(shape)
+        else:
+            stored = flat.reshape([shape[p] for p in buf.perm])
+            view = stored.transpose(np.argsort(buf.perm))
         self._views[buf.slot] = view
         return view
 

@@ -71,6 +71,10 @@ class CpuExecutable:
         for v in self.func.body.args:
             self._slot(v)
         self.steps = [self._build(op) for op in self.func.body.ops if op.name != "func.return"]
+        self.folded: dict[int, np.ndarray] = {}  # slot → a weight-only value computed once
+        self.folded_steps: list[Step] = []  # ... and the steps that computed them
+        if prepack:
+            self._fold_weights()
         self.output_slots = [self._slots[v] for v in self.func.outputs]
         self.plan = MemoryPlan(self._buffers(), sorted(self._input_symbols()))
         self._last_use = self._last_uses()
@@ -89,9 +93,6 @@ class CpuExecutable:
         if op.name == "kernel.fused":
             fn = _build_kernel(op, self.target, self.threads)
             if fn is not None:
-                if self.prepack and hasattr(fn, "prepack"):
-                    for i, weight in self._constant_operands(op):
-                        fn.prepack(i, weight)
                 return Step(op, args, outs, fn, "kernel")
         if op.name in CONSTANTS:  # data from attributes and sizes only: numpy makes it
             fn = run_constant if op.name == "tensor.constant" else IMPL[op.name]
@@ -104,22 +105,44 @@ class CpuExecutable:
                            "no interpreter implementation")
         return Step(op, args, outs, IMPL[op.name], "fallback")
 
-    def _constant_operands(self, op: Op) -> list[tuple[int, np.ndarray]]:
-        """(operand index, array) for operands that are weights seen through static views
-        (a Linear's `permute(W)`): the kernel may prepare them once (e.g. pack GEMM panels)."""
+    def _fold_weights(self) -> None:
+        """Weights are fixed for this executable's life, so what is computed from weights alone
+        is computed now, once, and its step dropped: static views of weights (a Linear's
+        `permute(W)`) and weight-only kernels (a bf16 weight's cast to f32 for its GEMM, from
+        `widen-lowp`). Kernels then prepare the constant operands they take (GEMM panels)."""
         kinds = dict(zip(self.func.body.args, self.func.arg_kinds))
-        out = []
-        for i, v in enumerate(op.operand_values):
-            chain = []
-            while v.op is not None and v.op.name in VIEWS and v.type.is_static:
-                chain.append(v.op)
-                v = v.op.operand_values[0]
-            if v.op is None and kinds.get(v) in ("param", "buffer"):
-                array = self.module.params[v.name]
-                for view in reversed(chain):
-                    array = run_view(view, {}, array)
-                out.append((i, array))
-        return out
+        static = {self._slots[a]: self.module.params[a.name] for a in self.func.body.args
+                  if kinds[a] in ("param", "buffer")}
+        kept = []
+        for st in self.steps:
+            if st.kind in ("view", "kernel") and all(s in static for s in st.args) and \
+                    all(v.type.is_static for v in st.op.result_values):
+                for s, x in zip(st.outs, self._run_once(st, [static[s] for s in st.args])):
+                    static[s] = self.folded[s] = x
+                self.folded_steps.append(st)
+            else:
+                kept.append(st)
+        self.steps = kept
+        for st in self.steps:
+            if st.kind == "kernel" and hasattr(st.fn, "prepack"):
+                for i, s in enumerate(st.args):
+                    if s in static:
+                        st.fn.prepack(i, static[s])
+
+    def _run_once(self, st: Step, ins: list[np.ndarray]) -> list[np.ndarray]:
+        if st.kind == "view":
+            return [run_view(st.op, {}, ins[0])]
+        outs = [_fresh(v, {}) for v in st.op.result_values]
+        try:
+            st.fn(ins, outs, {})
+        except LmcError:
+            raise
+        except Exception as exc:
+            raise LmcError(f"{st.op.name} at {st.op.loc} failed on the cpu backend while "
+                           f"computing it from the weights: {type(exc).__name__}: {exc}") from exc
+        for x in outs:  # shared by every call: a result that is one is copied for the caller
+            x.setflags(write=False)
+        return outs
 
     def _input_symbols(self) -> set[str]:
         return {s for a in self.func.inputs for s in a.type.symbols()}
@@ -163,7 +186,8 @@ class CpuExecutable:
             key = st.op.kind if st.kind == "kernel" else st.kind
             kinds[key] = kinds.get(key, 0) + 1
         return {"steps": kinds, "fallback": [f"{st.op.name} at {st.op.loc}" for st in self.steps
-                                             if st.kind == "fallback"]}
+                                             if st.kind == "fallback"],
+                "folded": len(self.folded_steps)}
 
     def llvm_texts(self) -> list[str]:
         """The LLVM IR module texts of every kernel this executable runs (each once)."""
@@ -198,6 +222,8 @@ class CpuExecutable:
         it = iter(inputs)
         for a, kind in zip(self.func.body.args, self.func.arg_kinds):
             vals[self._slots[a]] = next(it) if kind == "input" else self.module.params[a.name]
+        for s, x in self.folded.items():
+            vals[s] = x
         for st, frees in zip(self.steps, self._last_use):
             self._run_step(st, vals, env, layout)
             for s in frees:

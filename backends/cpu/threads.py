@@ -460,15 +460,18 @@ class _Layout:
     b_packed: bool
 
     def job(self, block: tuple[int, ...], k: int, ptrs: tuple[int, int, int],
-            origin: tuple[int, int], cols: list[int]) -> list[int]:
+            origin: tuple[int, int], cols: list[int], low_rank: tuple[int, int, int] = (0, 0, 0)
+            ) -> list[int]:
         """The record (JOB_FIELDS + column operands) of C block (m0, m1, n0, n1) of one matrix
-        with base addresses `ptrs` (A, B, C) at global (row, col) `origin`."""
+        with base addresses `ptrs` (A, B, C) at global (row, col) `origin`; `low_rank` = (the
+        packed up-projection's address, the rank, this job's T buffer) or zeros."""
         m0, m1, n0, n1 = block
         pa, pb, pc = ptrs
+        up, rank, tbuf = low_rank
         b_off = n0 * k if self.b_packed else n0 * self.b_strides[1]
         return [m1 - m0, n1 - n0, k, pa + F32 * m0 * self.a_strides[0], pb + F32 * b_off,
                 pc + F32 * (m0 * self.ldc + n0), origin[0] + m0, origin[1] + n0,
-                *(p + F32 * n0 for p in cols)]
+                up + F32 * n0 * rank if up else 0, tbuf, *(p + F32 * n0 for p in cols)]
 
 
 def _elements(strides: tuple[int, ...]) -> tuple[int, ...]:
@@ -476,21 +479,25 @@ def _elements(strides: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alpha: float,
-           beta: float, epi_args: int) -> None:
-    """Run each thread's job records with one native call, the first list in this thread."""
+           beta: float, epi_args: int, low_rank: tuple[int, int, float] = (0, 0, 0.0)) -> None:
+    """Run each thread's job records with one native call, the first list in this thread.
+    `low_rank`: (packed side columns' address, rank, up_alpha) of a LoRA branch, or zeros."""
     def work(records: list[list[int]]) -> None:
         jobs = np.array(records, np.int64)
         _, (apack, bpack) = _thread_buffers(kernel.config)
         kernel.run_jobs(len(records), jobs.ctypes.data, layout.a_strides, layout.b_strides,
-                        layout.ldc, alpha, beta, apack, bpack, layout.b_packed, epi_args)
+                        layout.ldc, alpha, beta, apack, bpack, layout.b_packed, epi_args,
+                        low_rank)
 
     def task(records: list[list[int]]) -> NativeTask:
         """The same, for a worker to run natively (no Python, no GIL between the jobs)."""
         jobs = np.array(records, np.int64)
+        side, rank, up_alpha = low_rank
         args = np.array([len(records), jobs.ctypes.data, *layout.a_strides, *layout.b_strides,
-                         layout.ldc, 0, 0, int(layout.b_packed), epi_args], np.int64)
-        args[TASK_FIELDS.index("alpha"):TASK_FIELDS.index("beta") + 1].view(np.float64)[:] = \
-            (alpha, beta)
+                         layout.ldc, 0, 0, int(layout.b_packed), epi_args, side, rank, 0],
+                        np.int64)
+        for f, value in (("alpha", alpha), ("beta", beta), ("up_alpha", up_alpha)):
+            args[TASK_FIELDS.index(f):TASK_FIELDS.index(f) + 1].view(np.float64)[:] = value
         return NativeTask(kernel.task_address, args.ctypes.data,
                           task_scratch_bytes(kernel.config), (jobs, args))
 
@@ -544,14 +551,17 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
           beta: float = 0.0, epilogue: tuple[EpilogueOp, ...] = (),
           tile_epilogue: TileEpilogue | None = None, epi_args: int | np.ndarray = 0,
           row0: int = 0, col0: int = 0, threads: int | None = None,
-          config: GemmConfig | None = None, target: HostTarget | None = None) -> np.ndarray:
+          config: GemmConfig | None = None, target: HostTarget | None = None,
+          low_rank: LowRank | None = None) -> np.ndarray:
     """out = epilogue(alpha * a @ op(b) + beta * out + bias), fp32; op(b) = b.T if trans_b.
 
     a: [M, K]; b: [K, N] (or [N, K] with trans_b, as torch Linear weights) with any strides, or
     a `PackedB`. `beta` only applies when `out` is given (beta=1 accumulates into it). A
     `tile_epilogue` then runs on each finished tile, reading `epi_args`, at tile positions
-    offset by (row0, col0) (for a caller computing one block of a larger output). `target`
-    overrides the host CPU (tests and benchmarks use it to run the AVX2 code path here)."""
+    offset by (row0, col0) (for a caller computing one block of a larger output). `low_rank`
+    adds a LoRA branch scale * (a @ down) @ up to every tile before the tile epilogue, in the
+    same pass over a. `target` overrides the host CPU (tests and benchmarks use it to run the
+    AVX2 code path here)."""
     a = _as_f32(a)
     if a.ndim != 2:
         raise ShapeError(f"sgemm takes 2-D operands, got a {a.shape}")
@@ -578,10 +588,57 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
                      isinstance(b, PackedB))
     ptrs = (a.ctypes.data, _data(b).ctypes.data, out.ctypes.data)
     pcols = [c.ctypes.data for c in cols]
-    plan = [[layout.job(block, k, ptrs, (row0, col0), pcols)]
-            for block in partition(m, n, k, kernel.config, threads or cpu_threads())]
-    launch(kernel, layout, plan, alpha, beta, _address(epi_args))
+    blocks = partition(m, n, k, kernel.config, threads or cpu_threads())
+    branch = _low_rank_jobs(low_rank, blocks, (k, n), kernel, epilogue)
+    plan = [[layout.job(block, k, ptrs, (row0, col0), pcols, job)]
+            for block, job in zip(blocks, branch.jobs)]
+    launch(kernel, layout, plan, alpha, beta, _address(epi_args), branch.shared)
+    del branch  # its T buffers had to outlive the call
     return out
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A LoRA branch scale * (x @ down) @ up fused into a GEMM: `down` [K, r] and `up` [r, N]
+    packed for the GEMM's config (`prepack_b`). The GEMM computes x @ down as r extra columns
+    of its pass over x and adds the rank-r product to each finished tile (gemm.py)."""
+
+    down: PackedB
+    up: PackedB
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.n
+
+
+@dataclass
+class _LowRankJobs:
+    jobs: list[tuple[int, int, int]]  # per C block: (up address, rank, T buffer address)
+    shared: tuple[int, int, float]    # (down address, rank, scale)
+    buffers: list[np.ndarray] = field(default_factory=list)
+
+
+def _low_rank_jobs(branch: LowRank | None, blocks, kn: tuple[int, int], kernel: GemmKernel,
+                   epilogue) -> _LowRankJobs:
+    """Each C block's T buffer (its rows of x @ down, then the MR panels of one row block)."""
+    if branch is None:
+        return _LowRankJobs([(0, 0, 0)] * len(blocks), (0, 0, 0.0))
+    cfg, r = kernel.config, branch.rank
+    if (branch.down.k, branch.up.k, branch.up.n) != (kn[0], r, kn[1]) or \
+            {branch.down.config, branch.up.config} != {cfg}:
+        raise ShapeError(f"sgemm: a low-rank branch [{branch.down.k}, {r}] x [{branch.up.k}, "
+                         f"{branch.up.n}] packed for {branch.down.config.tag} does not fit "
+                         f"K, N = {kn} of a {cfg.tag} GEMM")
+    if any(not isinstance(op, ColumnBias) for op in epilogue):
+        # Register epilogues run before the rank-r update; only a bias add commutes with it.
+        raise ShapeError("sgemm: a low-rank branch takes a bias or a tile epilogue, not "
+                         f"register epilogues {[op.tag for op in epilogue]}")
+    ldt = -(-r // cfg.nr) * cfg.nr
+    buffers = [_aligned(-(-(m1 - m0) * ldt // 16) * 16 + cfg.mc * r) for m0, m1, *_ in blocks]
+    up = branch.up.data.ctypes.data
+    return _LowRankJobs([(up, r, t.ctypes.data) for t in buffers],
+                        (branch.down.data.ctypes.data, r, branch.scale), buffers)
 
 
 def _b_operand(b, trans_b: bool, config: GemmConfig | None):

@@ -280,8 +280,18 @@ def _rms_norm(op, env, x, w=None):
     return (y * w if w is not None else y).astype(x.dtype)
 
 
+def _f32(x: np.ndarray) -> np.ndarray:
+    """bf16/f16 as f32 (other dtypes as they are): what low-precision sums accumulate in."""
+    return x.astype(np.float32) if x.dtype.name in ("float16", "bfloat16") else x
+
+
 @impl("tensor.attention")
 def _attention(op, env, q, k, v, mask=None):
+    # bf16/f16 attention computes in f32 and rounds once, as torch's CPU kernels do (numpy's
+    # f16 matmul rounds the scores, the softmax would run in f16 and p·v round again)
+    dtype = q.dtype
+    q, k, v = _f32(q), _f32(k), _f32(v)
+    mask = _f32(mask) if mask is not None else None
     hq, hk = q.shape[-3], k.shape[-3]
     if hq != hk:  # grouped-query attention: each kv head serves hq/hk query heads
         k = np.repeat(k, hq // hk, axis=-3)
@@ -297,7 +307,7 @@ def _attention(op, env, q, k, v, mask=None):
     p = _softmax(s, -1)
     # Fully masked rows give zeros (torch gives NaN); a NaN in the inputs still propagates.
     p = np.where(np.all(s == -np.inf, axis=-1, keepdims=True), 0, p)
-    return np.matmul(p, v).astype(q.dtype)
+    return np.matmul(p, v).astype(dtype)
 
 
 @impl("tensor.cross_entropy")

@@ -17,6 +17,7 @@ import torch
 from lmc.errors import LmcError, UnsupportedOpError
 from lmc.frontends.torch import aten_elementwise, aten_index, aten_nn, aten_views  # noqa: F401
 from lmc.frontends.torch.context import CONVERTERS, Ctx, NotConvertible, converter
+from lmc.interop import to_numpy
 from lmc.ir.core import Block, Func, Location, Module, Value
 from lmc.ir.rewriter import Rewriter
 from lmc.ir.verifier import verify
@@ -178,7 +179,7 @@ def _add_args(ep, model, func: Func, module: Module, cx: Ctx) -> dict:
             continue
         name = spec.target
         array = (ep.state_dict[name] if name in ep.state_dict else ep.constants[name])
-        array = np.ascontiguousarray(array.detach().cpu().numpy())
+        array = np.ascontiguousarray(to_numpy(array))
         kind = "param" if spec.kind == InputKind.PARAMETER and name not in frozen else "buffer"
         env[node] = func.add_arg(cx.ttype(val), name, kind)
         module.params[name] = array
