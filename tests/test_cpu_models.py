@@ -102,3 +102,32 @@ def test_memory_plan_reuses_buffers():
     cm = lmc.compile(model, example, dynamic_shapes=dynamic, target="cpu")
     peak = cm.executable.peak_bytes([example[0].numpy()])
     assert 0 < peak["arena_bytes"] < peak["without_reuse_bytes"]
+
+
+def test_heads_are_merged_without_a_copy(monkeypatch):
+    """An attention output read only through the head-merging permute is stored in that
+    order: the reshape after it is a view (no copy), and the block still matches eager."""
+    from lmc.backends.cpu import runtime
+    from lmc.zoo import Block
+    torch.manual_seed(0)
+    model = Block(64, 4, 64).eval()
+    T = torch.export.Dim("T", max=63)
+    cm = lmc.compile(model, (torch.randn(2, 16, 64),), dynamic_shapes=({1: T},),
+                     target="cpu", options=lmc.CompileOptions(cache_dir="off"))
+    buffers = cm.executable.plan.buffers.values()
+    assert [b.perm for b in buffers if b.perm] == [(0, 2, 1, 3)]
+    copies = []
+    real = runtime.run_view
+
+    def watching(op, env, x):
+        out = real(op, env, x)
+        if not np.shares_memory(out, x):
+            copies.append(op.name)
+        return out
+
+    for st in cm.executable.steps:
+        if st.fn is real:
+            st.fn = watching
+    for t in (5, 33):
+        _compare(cm, model, (torch.randn(2, t, 64),))
+    assert copies == []

@@ -73,6 +73,7 @@ def _column_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Ca
 class LoopLauncher:
     kernel: object  # launch.LoopKernel
     threads: int | None
+    strided_out = True  # writes its outputs through their strides (see runtime._read_permuted)
 
     def __call__(self, ins, outs, env) -> None:
         self.kernel.run(ins, outs, threads=self.threads, env=env)
@@ -88,6 +89,7 @@ class AttentionLauncher:
     att: Op
     target: HostTarget | None
     threads: int | None
+    strided_out = True
 
     def __post_init__(self) -> None:
         from .attention import compile_attention
@@ -319,6 +321,11 @@ class GemmLauncher:
                 ew = _outlined("elementwise", [first, *s.inputs], ops, self.result)
                 self.in_place = compile_loop_kernel(ew, self.target)
                 self.modules.append(self.in_place.llvm_ir)
+
+    @property
+    def strided_out(self) -> bool:
+        """Batched GEMMs write C through its strides; the 2-D path flattens C to [M, N]."""
+        return not self._two_d()
 
     def _two_d(self) -> bool:
         x, w = self.split.anchor.operand_values[:2]

@@ -155,7 +155,7 @@ class CpuExecutable:
                 root[st.outs[0]] = root.get(st.args[0], st.args[0])
         returned = {root.get(s, s) for s in self.output_slots}
         known = self._input_symbols()
-        start, end, types = {}, {}, {}
+        start, end, types, perms = {}, {}, {}, {}
         for i, st in enumerate(self.steps):
             for s in st.args:
                 end[root.get(s, s)] = i
@@ -163,7 +163,10 @@ class CpuExecutable:
                 for s, v in zip(st.outs, st.op.result_values):
                     if v.type.symbols() <= known and s not in returned:
                         start[s], types[s] = i, v.type
-        return [Buffer(s, types[s], start[s], end.get(s, start[s])) for s in start]
+                        if getattr(st.fn, "strided_out", False):
+                            perms[s] = _read_permuted(v)
+        return [Buffer(s, types[s], start[s], end.get(s, start[s]), perms.get(s))
+                for s in start]
 
     def _last_uses(self) -> list[list[int]]:
         """Per step, the slots whose last reader it is (freed after it, unless returned)."""
@@ -249,6 +252,16 @@ class CpuExecutable:
                            f"{type(exc).__name__}: {exc}") from exc
         for s, x in zip(st.outs, outs):
             vals[s] = x
+
+
+def _read_permuted(v: Value) -> tuple[int, ...] | None:
+    """The perm of the one `tensor.permute` (keeping the last axis) that every use of `v`
+    is, or None: storing v in that order makes the permuted view contiguous."""
+    perms = {tuple(u.perm) if u.name == "tensor.permute" else None for u in v.users}
+    perm = perms.pop() if len(perms) == 1 else None
+    if perm is None or perm[-1] != len(perm) - 1 or perm == tuple(range(len(perm))):
+        return None
+    return perm
 
 
 def _build_kernel(op: Op, target, threads) -> Callable | None:
