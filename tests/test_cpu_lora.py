@@ -117,6 +117,16 @@ def test_branch_that_does_not_commute_takes_the_general_path(monkeypatch):
     assert not any(calls)
 
 
+def test_vector_input_keeps_the_general_path(monkeypatch):
+    torch.manual_seed(0)
+    model = LoRALinear(40, 24, 4, 8.0).eval()
+    x = torch.randn(40)
+    cm = _run(model, (x,))
+    calls = _count_gemms(monkeypatch)
+    _close(cm(x), model, (x,))
+    assert not any(calls)
+
+
 def test_lora_linear_at_the_benchmark_shape(monkeypatch):
     torch.manual_seed(0)
     model = LoRALinear(1024, 1024, 8, 16.0).eval()

@@ -15,6 +15,10 @@ ReLU); a `TileEpilogue` is an LLVM function (rendered by the fusion code) that t
 on each finished block of C in memory (MC rows x EPILOGUE_COLS columns), with the block's global
 row/column, on the last K block.
 
+A low-rank (LoRA) branch scale * (A @ D) @ U rides along: A @ D is computed as r side columns
+from the same packed A blocks (no second read of A), and each finished tile gets its rank-r
+update, one more micro-kernel call with K = r, before the tile epilogue (`_low_rank_down`).
+
 Edges (M, N not multiples of MR, NR) are handled by packing zeros and, for a partial tile, running
 the same store code on a stack tile copied in and out, so the epilogue is written once.
 """
@@ -457,9 +461,10 @@ def render_driver(cfg: GemmConfig, name: str, names: dict[str, str], n_cols: int
                            "low.rank"):
                     _low_rank_down(w, cfg, names, n_cols, block, pc)
                 with w.if_(lr_last, "low.rank.pack"):  # T's rows are final: panels for tiles
-                    rows = w.gep("%tbuf", w.op("mul", ic, _side_ld(w, cfg)))
-                    w.emit(f"call void @{names['pack_a']}(ptr {rows}, i64 {_side_ld(w, cfg)}, "
-                           f"i64 1, i64 {mc}, i64 %rank, ptr {_t_panels(w, cfg)})")
+                    ldt = _side_ld(w, cfg)
+                    rows = w.gep("%tbuf", w.op("mul", ic, ldt))
+                    w.emit(f"call void @{names['pack_a']}(ptr {rows}, i64 {ldt}, i64 1, "
+                           f"i64 {mc}, i64 %rank, ptr {_t_panels(w, cfg)})")
                 _macro_kernel(w, cfg, names["ukernel"], n_cols, block, tile_epilogue)
     return w.text()
 

@@ -198,7 +198,8 @@ def _take_low_rank(split: _Split) -> None:
     down, up = split.prologue
     if not (down.name == up.name == "tensor.matmul" and down.lhs is a.lhs
             and split.alias.get(up.lhs, up.lhs) is down.result and len(down.result.uses) == 1
-            and down.rhs.type.rank == up.rhs.type.rank == 2 == a.rhs.type.rank):
+            and down.rhs.type.rank == up.rhs.type.rank == 2 == a.rhs.type.rank
+            and a.lhs.type.rank >= 2):  # the 2-D GEMM path (a vector x runs batched)
         return
     branch = next((new for new, old in split.alias.items() if old is up.result), up.result)
     users = branch.users
