@@ -159,3 +159,13 @@ def test_lora_finetuning_still_matches_eager():
     state = trainer.state_dict()
     for k, v in ref.state_dict().items():
         np.testing.assert_allclose(state[k].numpy(), v.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_saved_artifact_keeps_the_branch_in_the_gemm(monkeypatch, tmp_path):
+    torch.manual_seed(0)
+    model = LoRALinear(48, 56, 6, 12.0).eval()
+    x = torch.randn(11, 48)
+    loaded = lmc.load(_run(model, (x,)).save(tmp_path / "lora.lmca"))
+    calls = _count_gemms(monkeypatch)
+    _close(loaded(x), model, (x,))
+    assert calls == [True]
