@@ -20,6 +20,7 @@ EPILOG = """examples:
   lmc inspect model.lmca                        versions, CPU, signature, kernels, weights
   lmc run model.lmca --dim B=2 --dim T=128      run it on random inputs, print output summaries
   lmc run model.lmca --input x=x.npy --output out.npz   ... on given inputs, save the outputs
+  lmc run model.lmca --profile                  ... then print where the time goes, per step
 """
 
 
@@ -107,6 +108,9 @@ def _add_artifact_commands(sub) -> None:
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     run.add_argument("--threads", type=int, default=None, help="worker threads per kernel")
     run.add_argument("--output", metavar="OUT.npz", help="save the outputs (output0, ...)")
+    run.add_argument("--profile", metavar="N", type=int, nargs="?", const=10, default=None,
+                     help="then run N more times (default 10) and print where the time goes, "
+                     "step by step")
     run.set_defaults(fn=cmd_run)
 
     ins = sub.add_parser("inspect", help="print an artifact's manifest",
@@ -284,6 +288,9 @@ def cmd_run(args) -> int:
         print(summarize(f"output{i}", out))
     if args.output:
         np.savez(args.output, **{f"output{i}": o for i, o in enumerate(outs)})
+    if args.profile:
+        print()
+        print(cm.profile(*inputs, repeat=args.profile))
     return 0
 
 

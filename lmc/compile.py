@@ -152,6 +152,15 @@ class CompiledModel:
             outs = run_func(self.module, arrays, self.func)
         return self._pack(outs, is_torch)
 
+    def profile(self, *inputs, repeat: int = 10):
+        """Call the model `repeat` times on `inputs`, timing each step of its function: an
+        `lmc.profile.Profile` (`print(cm.profile(x))` shows the slowest steps)."""
+        if self.executable is None:
+            raise LmcError("profile: the reference interpreter has no kernels to time; compile "
+                           "for a native target (target='cpu')")
+        arrays, _ = self._check_inputs(inputs)
+        return self.executable.profile(arrays, repeat)[0]
+
     @property
     def report(self) -> dict[str, Any]:
         """What the target made of the model: kernels by kind, ops left to the interpreter."""

@@ -154,10 +154,31 @@ class Trainer:
     def step(self, *batch) -> float:
         """One forward + backward + update on `batch`; returns the loss."""
         arrays = self._check(batch)  # a bad batch raises before it counts as a step
+        return self._finish(self._run(arrays + self._scalars()))
+
+    def profile(self, *batch, steps: int = 3):
+        """`steps` real train steps on `batch` (they update the weights, as `step` does), each
+        step of the function timed: an `lmc.profile.Profile` of their mean."""
+        from lmc.profile import Profile
+        if self.executable is None:
+            raise LmcError("profile: the reference interpreter has no kernels to time; "
+                           "compile the train step for a native target (target='cpu')")
+        arrays = self._check(batch)
+        profiles = []
+        for _ in range(steps):
+            prof, outs = self.executable.profile(arrays + self._scalars(), repeat=1)
+            self._finish(outs)
+            profiles.append(prof)
+        return Profile.mean(profiles)
+
+    def _scalars(self) -> list[np.ndarray]:
+        """The step's trailing inputs %lr and %step, for the next step."""
         step = self.steps_done + 1
-        scalars = [np.asarray(v, np.float32) for v in (self.optimizer.lr_at(step), step)]
-        outs = self._run(arrays + scalars)  # the trailing inputs are %lr and %step
-        self.steps_done = step
+        return [np.asarray(v, np.float32) for v in (self.optimizer.lr_at(step), step)]
+
+    def _finish(self, outs: list[np.ndarray]) -> float:
+        """Take a step's outputs: the new weights and optimizer state, the loss."""
+        self.steps_done += 1
         for name, new in zip(self.updated, outs[self.num_outputs:]):
             self.module.params[name] = new
         loss = float(outs[0])

@@ -86,6 +86,15 @@ def test_run_on_random_inputs_takes_dims(tmp_path, model, capsys):
     assert "pipeline  canonicalize,fuse\n" in capsys.readouterr().out
 
 
+def test_run_profile_prints_every_step(tmp_path, model, capsys):
+    f, *_ = model
+    art = _compile(tmp_path, f, capsys, "-p", "canonicalize,fuse")
+    assert main(["run", art, "--dim", "B=2", "--dim", "T=33", "--profile", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "profile: " in out and "(mean of 3)" in out
+    assert "| kernel.fused{reduction} | kernel |" in out, out
+
+
 def test_compile_to_the_reference_target(tmp_path, model, capsys):
     f, *_ = model
     art = _compile(tmp_path, f, capsys, "--target", "ref")

@@ -8,6 +8,7 @@ outputs live in the memory plan's arena; function results are fresh arrays.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -218,7 +219,18 @@ class CpuExecutable:
         with self._lock:
             return self._run(inputs)
 
-    def _run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def profile(self, inputs: list[np.ndarray], repeat: int = 10):
+        """Run `repeat` calls timing every step: (an `lmc.profile.Profile`, the outputs of the
+        last call)."""
+        from lmc.profile import profile_of
+        seconds = [0.0] * len(self.steps)
+        with self._lock:
+            for _ in range(repeat):
+                outs = self._run(inputs, seconds)
+        return profile_of(self.steps, seconds, repeat, self._env(inputs)), outs
+
+    def _run(self, inputs: list[np.ndarray], seconds: list[float] | None = None
+             ) -> list[np.ndarray]:
         env = self._env(inputs)
         layout = self.plan.layout(env)
         vals: list[np.ndarray | None] = [None] * len(self._slots)
@@ -227,8 +239,13 @@ class CpuExecutable:
             vals[self._slots[a]] = next(it) if kind == "input" else self.module.params[a.name]
         for s, x in self.folded.items():
             vals[s] = x
-        for st, frees in zip(self.steps, self._last_use):
-            self._run_step(st, vals, env, layout)
+        for i, (st, frees) in enumerate(zip(self.steps, self._last_use)):
+            if seconds is None:
+                self._run_step(st, vals, env, layout)
+            else:  # profiling: the step's wall time, its worker threads included
+                t0 = time.perf_counter()
+                self._run_step(st, vals, env, layout)
+                seconds[i] += time.perf_counter() - t0
             for s in frees:
                 vals[s] = None
         # A result that is (a view of) a constant is read-only: the caller gets its own copy.

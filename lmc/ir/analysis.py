@@ -1,4 +1,5 @@
-"""Analyses over a function that no pass needs to change IR: live memory over the op order.
+"""Analyses over a function that no pass needs to change IR: live memory over the op order,
+and the GEMM work of a kernel (`kernel_flops`, for profiles).
 
 `peak_live_bytes` is the memory a straight-line run of the function needs for its intermediate
 values at given sizes, each value freed after its last reader (views alias their source, so they
@@ -9,7 +10,9 @@ way on every target.
 """
 from __future__ import annotations
 
-from lmc.ir.core import Func, Value
+from math import prod
+
+from lmc.ir.core import Func, Op, Value
 from lmc.ir.types import eval_shape
 
 # Ops whose result is a view of their operand (no data of its own; the cpu runtime runs them
@@ -52,3 +55,26 @@ def _nbytes(v: Value, env: dict[str, int]) -> int:
     for d in eval_shape(v.type.shape, env):
         n *= d
     return int(n * v.dtype.itemsize)
+
+
+def kernel_flops(op: Op, env: dict[str, int]) -> float:
+    """Floating-point operations of the GEMM-like work in `op` (a matmul, an attention, a
+    grouped matmul or its weight gradient, alone or inside a kernel.fused body) at these
+    sizes: 2 per multiply-add, the elementwise rest not counted. 0 for anything else."""
+    ops = op.body.ops if op.name == "kernel.fused" else [op]
+    return float(sum(_gemm_flops(o, env) for o in ops))
+
+
+def _gemm_flops(op: Op, env: dict[str, int]) -> int:
+    def shape(v: Value) -> list[int]:
+        return eval_shape(v.type.shape, env)
+
+    if op.name in ("tensor.matmul", "moe.grouped_matmul"):
+        return 2 * prod(shape(op.result)) * shape(op.operand_values[0])[-1]
+    if op.name == "moe.grouped_weight_grad":  # out[e] = x[rows]ᵀ · g[rows]: K = all rows
+        x, g = (shape(v) for v in op.operand_values[:2])
+        return 2 * x[0] * x[1] * g[1]
+    if op.name == "tensor.attention":  # q·kᵀ and p·v (a causal mask's skipped half counted)
+        q, k, v = (shape(x) for x in op.operand_values[:3])
+        return 2 * prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+    return 0
