@@ -438,3 +438,41 @@ def test_gemm_packs_column_major_lhs(m, k, n):
     pa = _f32(rng, 3, k, m).transpose(0, 2, 1)
     np.testing.assert_allclose(batched_sgemm(pa, b), pa.astype(np.float64) @ b, rtol=1e-4,
                                atol=1e-4, err_msg=f"seed {seed}")
+
+
+# ---- epilogue operands computed in the GEMM epilogue (fuse pulls their producers) ----------------
+
+GELU_GRAD = """
+func @main(%g: f32[N,{n}], %w: f32[{k},{n}], %h: f32[N,{k}], %h3: f32[B,T,{k}],
+           %g3: f32[B,T,{n}]) -> (f32[N,{k}], f32[N,{k}], f32[B,T,{k}]) {{
+  %0 = tensor.permute %w {{perm = [1, 0]}} : f32[{n},{k}]
+  %1 = tensor.matmul %g, %0 : f32[N,{k}]
+  %c = tensor.constant {{value = 0.7071067811865476}} : f32[]
+  %2 = tensor.mul %h, %c : f32[N,{k}]
+  %3 = tensor.erf %2 : f32[N,{k}]
+  %4 = tensor.neg %h : f32[N,{k}]
+  %5 = tensor.mul %4, %h : f32[N,{k}]
+  %6 = tensor.exp %5 : f32[N,{k}]
+  %7 = tensor.mul %h, %6 : f32[N,{k}]
+  %8 = tensor.add %3, %7 : f32[N,{k}]
+  %9 = tensor.mul %1, %8 : f32[N,{k}]
+  %10 = tensor.exp %h : f32[N,{k}]
+  %11 = tensor.matmul %g3, %0 : f32[B,T,{k}]
+  %12 = tensor.tanh %h3 : f32[B,T,{k}]
+  %13 = tensor.mul %12, %11 : f32[B,T,{k}]
+  func.return %9, %10, %13
+}}
+"""
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 13), (33, 129)])
+def test_gemm_epilogue_computes_its_operands(n, k):
+    """gelu'-like producers of an epilogue operand run inside the matmul kernel (2-D and
+    batched-x layouts), one kernel per GEMM, at two sizes, against the interpreter."""
+    ex = _check_run(GELU_GRAD.format(n=n, k=k), [{"N": 5, "B": 2, "T": 3},
+                                                 {"N": 130, "B": 3, "T": 17}], rtol=1e-4,
+                    atol=1e-5)
+    kernels = [st.op for st in ex.steps if st.op.name == "kernel.fused"]
+    assert sorted(op.kind for op in kernels) == ["elementwise", "matmul", "matmul"], kernels
+    assert any(o.name == "tensor.erf" for op in kernels if op.kind == "matmul"
+               for o in op.body.ops)
