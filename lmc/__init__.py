@@ -1,5 +1,5 @@
 """lmc: an MLIR-style compiler for neural networks."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 from lmc import ir, optim  # noqa: F401
 from lmc.artifact import load  # noqa: F401
 from lmc.compile import CompiledModel, compile  # noqa: F401
