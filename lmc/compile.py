@@ -33,6 +33,9 @@ def compile(model, example_inputs=None, *, target: str | None = None,
     if opts.target not in TARGETS:
         raise LmcError(f"target '{opts.target}' is not available; available: "
                        f"{', '.join(TARGETS)} (gpu arrives with its backend)")
+    from lmc.cache import open_cache  # the cache dir is resolved here, never deeper
+    cache = open_cache(opts, os.environ.get("LMC_CACHE_DIR"))
+    prefetch(opts)
     module = _import(model, example_inputs, dynamic_shapes)
     loose = unbound_symbols(module.main)
     if loose:
@@ -43,8 +46,6 @@ def compile(model, example_inputs=None, *, target: str | None = None,
     pipeline_text = opts.pipeline if opts.pipeline is not None else ",".join(
         default_pipeline(opts))
     passes = parse_pipeline(pipeline_text)
-    from lmc.cache import open_cache  # the cache dir is resolved here, never deeper
-    cache = open_cache(opts, os.environ.get("LMC_CACHE_DIR"))
     cache_key = cache.key(module, opts, pipeline_text, artifacts["import"]) if cache else ""
     hit = cache.load(cache_key, module, opts) if cache else None
     if hit is not None:
@@ -63,6 +64,14 @@ def compile(model, example_inputs=None, *, target: str | None = None,
     if cache is not None:
         cache.store(cache_key, compiled)
     return compiled
+
+
+def prefetch(options: CompileOptions) -> None:
+    """Let the target start on model-independent kernels while the model is imported (after
+    the kernel cache dir is set, so that what it compiles is cached like the rest)."""
+    if options.target == "cpu":
+        from lmc.backends.cpu.kernels import prefetch_gemm
+        prefetch_gemm()
 
 
 def build_executable(module: Module, options: CompileOptions):

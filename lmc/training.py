@@ -39,7 +39,7 @@ def compile_training(model, example_inputs, *, loss_fn=None, optimizer=None,
     import torch
 
     from lmc import optim
-    from lmc.compile import _as_tuple, _unalias
+    from lmc.compile import _as_tuple, _unalias, prefetch
     from lmc.frontends.torch import import_module
 
     start = time.perf_counter()
@@ -55,6 +55,7 @@ def compile_training(model, example_inputs, *, loss_fn=None, optimizer=None,
     batch = _unalias(_as_tuple(example_inputs))
     traced = model if loss_fn is None else with_loss(
         model, loss_fn, len(batch) - _count_targets(loss_fn, num_targets))
+    prefetch(opts)
     module = import_module(traced, batch, _positional(dynamic_shapes, model, batch))
     if loss_fn is not None:
         _strip_prefix(module)

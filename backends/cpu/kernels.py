@@ -3,6 +3,8 @@ runtime runs on numpy arrays. A kernel.fused the backend cannot compile (a dtype
 attention kernel lacks) returns None here and runs in the interpreter, visibly (`fallback`)."""
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +34,22 @@ entry:
 }
 """
 INDIRECT_TILE = TileEpilogue("lmc_tile_indirect", _INDIRECT)
+
+
+def prefetch_gemm(target: HostTarget | None = None) -> None:
+    """Start compiling the GEMM module that every fused matmul with an epilogue shares, in a
+    daemon thread: LLVM runs without the GIL, so a cold compile overlaps this ~1 s with
+    torch.export on another core. `compile_gemm` then returns it, waiting for the thread if it
+    is still compiling. A failure here is left for that call to raise."""
+    from .gemm import compile_gemm, is_compiled
+    if is_compiled(target, INDIRECT_TILE):
+        return
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # the GemmLauncher's own call reports it
+            compile_gemm(None, (), target, INDIRECT_TILE)
+
+    threading.Thread(target=run, name="lmc-gemm-prefetch", daemon=True).start()
 
 
 def build_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Callable | None:

@@ -240,6 +240,11 @@ def _iota(op, env, *_):
 
 # ---- nn ----------------------------------------------------------------------------------------
 
+def _f32(x: np.ndarray) -> np.ndarray:
+    """bf16/f16 as f32 (other dtypes as they are): what low-precision sums accumulate in."""
+    return x.astype(np.float32) if x.dtype.name in ("float16", "bfloat16") else x
+
+
 def _softmax(x, axis):
     m = np.max(x, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0)
@@ -253,36 +258,36 @@ def _log_softmax(x, axis):
     return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
 
 
+# Row ops on bf16/f16 compute in f32 and round once (`_f32`), as torch's CPU kernels do:
+# numpy would round every intermediate (a bf16 mean of squares is off by ~1 %).
+
 @impl("tensor.softmax")
 def _softmax_op(op, env, x):
-    return _softmax(x, op.axis).astype(x.dtype)
+    return _softmax(_f32(x), op.axis).astype(x.dtype)
 
 
 @impl("tensor.log_softmax")
 def _log_softmax_op(op, env, x):
-    return _log_softmax(x, op.axis).astype(x.dtype)
+    return _log_softmax(_f32(x), op.axis).astype(x.dtype)
 
 
 @impl("tensor.layer_norm")
 def _layer_norm(op, env, x, w=None, b=None):
+    dtype, x = x.dtype, _f32(x)
     axes = tuple(range(x.ndim - op.num_axes, x.ndim))
     mu = x.mean(axis=axes, keepdims=True)
     var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
     y = (x - mu) / np.sqrt(var + np.asarray(op.eps, x.dtype))
-    y = y * w if w is not None else y
-    return (y + b if b is not None else y).astype(x.dtype)
+    y = y * _f32(w) if w is not None else y
+    return (y + _f32(b) if b is not None else y).astype(dtype)
 
 
 @impl("tensor.rms_norm")
 def _rms_norm(op, env, x, w=None):
+    dtype, x = x.dtype, _f32(x)
     axes = tuple(range(x.ndim - op.num_axes, x.ndim))
     y = x / np.sqrt((x * x).mean(axis=axes, keepdims=True) + np.asarray(op.eps, x.dtype))
-    return (y * w if w is not None else y).astype(x.dtype)
-
-
-def _f32(x: np.ndarray) -> np.ndarray:
-    """bf16/f16 as f32 (other dtypes as they are): what low-precision sums accumulate in."""
-    return x.astype(np.float32) if x.dtype.name in ("float16", "bfloat16") else x
+    return (y * _f32(w) if w is not None else y).astype(dtype)
 
 
 @impl("tensor.attention")
