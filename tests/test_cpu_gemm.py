@@ -428,6 +428,10 @@ def test_low_rank_branch_with_accumulation_and_errors():
     sgemm(x, w, out=out, beta=1.0, alpha=2.0, low_rank=branch)
     cat = np.concatenate([2.0 * x, 0.5 * (x.astype(np.float64) @ down.T)], axis=1)
     _check(out, cat, np.concatenate([w, up.T]), seed, c0=c0, beta=1.0)
+    strided = np.zeros((50, 180), np.float32)[:, ::2]  # a non-unit column stride: via a copy
+    sgemm(x, w, out=strided, low_rank=branch)
+    plain = np.concatenate([x, 0.5 * (x.astype(np.float64) @ down.T)], axis=1)
+    _check(strided, plain, np.concatenate([w, up.T]), seed)
     with pytest.raises(ShapeError, match="register epilogues"):
         sgemm(x, w, epilogue=(Relu(),), low_rank=branch)
     with pytest.raises(ShapeError, match="does not fit"):

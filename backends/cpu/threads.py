@@ -580,7 +580,7 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
         return _via_contiguous(out, beta, lambda tmp: sgemm(
             a, b, out=tmp, bias=bias, alpha=alpha, beta=beta, epilogue=epilogue,
             tile_epilogue=tile_epilogue, epi_args=epi_args, row0=row0, col0=col0,
-            threads=threads, config=config, target=target))
+            threads=threads, config=config, target=target, low_rank=low_rank))
     if bias is not None:
         epilogue = (ColumnBias(),) + tuple(epilogue)
     kernel = compile_gemm(config, tuple(epilogue), target, tile_epilogue)
