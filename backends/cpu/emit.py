@@ -216,6 +216,18 @@ def reduce_combine(w: FunctionWriter, kind: str, dtype: DType, a: str, b: str,
     return intrinsic(w, f"{sign}{kind}", ty, a, b)
 
 
+def reduce_lanes(w: FunctionWriter, kind: str, dtype: DType, v: str, lanes: int) -> str:
+    """`kind` across the lanes of v by a butterfly of shuffles: every lane ends with the total."""
+    ty = vtype(dtype, lanes)
+    k = lanes // 2
+    while k:
+        perm = ", ".join(f"i32 {i ^ k}" for i in range(lanes))
+        v = reduce_combine(w, kind, dtype, v, w.value(
+            f"shufflevector {ty} {v}, {ty} poison, <{lanes} x i32> <{perm}>"), lanes)
+        k //= 2
+    return v
+
+
 # ---- the table --------------------------------------------------------------------------------
 
 EmitFn = Callable[[FunctionWriter, Op, list[str], int], str]

@@ -590,12 +590,7 @@ class _LoopWriter:
         v = w.load(vt, accs[0])
         for a in accs[1:]:
             v = emit.reduce_combine(w, kind, dt, v, w.load(vt, a), n)
-        k = n // 2
-        while k:
-            perm = ", ".join(f"i32 {i ^ k}" for i in range(n))
-            v = emit.reduce_combine(w, kind, dt, v, w.value(
-                f"shufflevector {vt} {v}, {vt} poison, <{n} x i32> <{perm}>"), n)
-            k //= 2
+        v = emit.reduce_lanes(w, kind, dt, v, n)
         if r.name != "tensor.mean":
             return v
         count = emit.splat(w, emit.scalar_type(dt), w.value(

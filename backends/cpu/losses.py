@@ -25,15 +25,9 @@ _F32 = DType.f32
 
 
 def _hreduce(w: FunctionWriter, kind: str, v: str, n: int) -> str:
-    """Lane-wise `kind` across a vector (butterfly), as a scalar."""
-    vt = emit.vtype(_F32, n)
-    k = n // 2
-    while k:
-        perm = ", ".join(f"i32 {i ^ k}" for i in range(n))
-        v = emit.reduce_combine(w, kind, _F32, v, w.value(
-            f"shufflevector {vt} {v}, {vt} poison, <{n} x i32> <{perm}>"), n)
-        k //= 2
-    return w.value(f"extractelement {vt} {v}, i64 0")
+    """Lane-wise `kind` across an f32 vector, as a scalar."""
+    v = emit.reduce_lanes(w, kind, _F32, v, n)
+    return w.value(f"extractelement {emit.vtype(_F32, n)} {v}, i64 0")
 
 
 def _row_pass(w: FunctionWriter, row: str, n: int, reds: dict[str, str], body) -> dict[str, str]:
