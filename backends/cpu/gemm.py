@@ -714,11 +714,6 @@ _kernels: dict[tuple, GemmKernel] = {}
 _kernels_lock = threading.Lock()
 
 
-def is_compiled(target: HostTarget | None, tile_epilogue: TileEpilogue | None) -> bool:
-    """Whether the default-config GEMM (no register epilogue) for these is compiled already."""
-    return (None, (), target, tile_epilogue) in _kernels
-
-
 def compile_gemm(cfg: GemmConfig | None = None, epilogue: tuple[EpilogueOp, ...] = (),
                  target: HostTarget | None = None,
                  tile_epilogue: TileEpilogue | None = None) -> GemmKernel:

@@ -40,10 +40,9 @@ def prefetch_gemm(target: HostTarget | None = None) -> None:
     """Start compiling the GEMM module that every fused matmul with an epilogue shares, in a
     daemon thread: LLVM runs without the GIL, so a cold compile overlaps this ~1 s with
     torch.export on another core. `compile_gemm` then returns it, waiting for the thread if it
-    is still compiling. A failure here is left for that call to raise."""
-    from .gemm import compile_gemm, is_compiled
-    if is_compiled(target, INDIRECT_TILE):
-        return
+    is still compiling (or at once, one dict lookup, when it is compiled already). A failure
+    here is left for that call to raise."""
+    from .gemm import compile_gemm
 
     def run() -> None:
         with contextlib.suppress(Exception):  # the GemmLauncher's own call reports it
