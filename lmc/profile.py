@@ -45,14 +45,16 @@ class Profile:
                  f"(mean of {self.calls})", "",
                  "| # | op | runs as | result | ms | share | GFLOP/s | at |",
                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in self.by_time()[:top]:
+        ranked = self.by_time()
+        for r in ranked[:top]:
             rate = "" if r.gflops is None else f"{r.gflops:.1f}"
             lines.append(f"| {r.index} | {r.op} | {r.kind} | {r.result} | {r.ms:.3f} | "
                          f"{100 * r.ms / total:.1f} % | {rate} | {r.loc} |")
-        rest = self.rows and len(self.rows) - top
-        if rest and rest > 0:
-            ms = sum(r.ms for r in self.by_time()[top:])
-            lines.append(f"| | {rest} more steps | | | {ms:.3f} | {100 * ms / total:.1f} % | | |")
+        rest = ranked[top:]
+        if rest:
+            ms = sum(r.ms for r in rest)
+            lines.append(f"| | {len(rest)} more steps | | | {ms:.3f} | {100 * ms / total:.1f} % "
+                         "| | |")
         return "\n".join(lines)
 
     def __str__(self) -> str:
