@@ -223,9 +223,9 @@ def _take_low_rank(split: _Split) -> None:
     if len(users) != 1 or users[0].name != "tensor.add" or branch.type != a.result.type:
         return
     add = users[0]
-    if not _additive_chain(add.lhs if add.rhs is branch else add.rhs, a.result, split.epilogue):
-        return
     kept = add.lhs if add.rhs is branch else add.rhs
+    if not _additive_chain(kept, a.result, split.epilogue):
+        return
     scale = split.alpha.get(down, 1.0) * split.alpha.get(up, 1.0)
     split.low_rank = _LowRank(down, up, scale, {add.result: kept})
     split.prologue, split.alias = [], {}
