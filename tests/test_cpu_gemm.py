@@ -148,6 +148,23 @@ def test_partition_covers_output_once():
         assert (covered == 1).all()
 
 
+def test_partition_balances_whole_tiles():
+    """512 columns are 10.7 panels of 48: split by N, one thread would run 6 panels and the
+    other 5; split by M (64 row panels of 8) both run the same number of whole tiles."""
+    cfg = GemmConfig(vl=16, mr=8, nv=3, kc=384, mc=96, nc=4032)
+    assert cpu_threads.partition(512, 512, 512, cfg, 2) == [(0, 256, 0, 512), (256, 512, 0, 512)]
+    # A wide, shallow GEMM still splits N when only that keeps A's packing single per thread...
+    wide = cpu_threads.partition(48, 4800, 256, cfg, 2)
+    assert [(m0, m1) for m0, m1, *_ in wide] == [(0, 48)] * 2
+    # ...and a prepacked B (nothing to duplicate) lets a tall one split M.
+    tall = cpu_threads.partition(1024, 4096, 256, cfg, 2, b_packed=True)
+    assert [(n0, n1) for *_, n0, n1 in tall] == [(0, 4096)] * 2
+    # Four threads, 1024^2: as many whole tiles per block either way, but a 2 x 2 grid packs
+    # half of A and half of B per block (4 x 1: a quarter of A and all of B).
+    grid = cpu_threads.partition(1024, 1024, 1024, cfg, 4)
+    assert len({m0 for m0, *_ in grid}) == len({n0 for *_, n0, _ in grid}) == 2
+
+
 @pytest.mark.skipif(not host_target().has_avx512, reason="host already runs the AVX2 path")
 @pytest.mark.parametrize("m,n,k", [(7, 13, 5), (129, 255, 513), (33, 17, 64)])
 def test_avx2_code_path(m, n, k):

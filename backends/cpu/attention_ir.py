@@ -227,7 +227,9 @@ class _Writer:
         """The MR q rows times scale, copied to a stack tile [MR][D]: the S micro-kernel then
         broadcasts from constant offsets (row pointers would be hoisted and spilled)."""
         w, cfg, d, v, n = self.w, self.cfg, self.d, self.v, self.cfg.vl
-        tile = w.slot(f"[{cfg.mr * max(d, 1)} x float]", hint="qtile")
+        # + n: a row's last (partial) vector is stored whole, its zero lanes running into the
+        # next row, which overwrites them, or, after the last row, into this slack.
+        tile = w.slot(f"[{cfg.mr * max(d, 1) + n} x float]", hint="qtile")
         unit = w.value(f"icmp eq i64 {p['qd']}, 1")
         scale_v = w.splat(p["scale"], n)
         rows = [self.ptr(blk["q"], w.op("mul", r, p["qt"])) for r in blk["rows"]]

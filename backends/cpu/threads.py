@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from itertools import pairwise
+from itertools import pairwise, product
 
 import numpy as np
 
@@ -389,27 +389,47 @@ def _thread_buffers(cfg: GemmConfig) -> tuple[tuple[np.ndarray, np.ndarray], tup
     return cache[cfg]
 
 
-def partition(m: int, n: int, k: int, cfg: GemmConfig, threads: int) -> list[tuple[int, ...]]:
+def partition(m: int, n: int, k: int, cfg: GemmConfig, threads: int,
+              b_packed: bool = False) -> list[tuple[int, ...]]:
     """Blocks (m0, m1, n0, n1) of C, one per thread, as many threads as the work pays for."""
-    return split_block(m, n, cfg, _useful_threads(m * n * k, cfg, threads))
+    return split_block(m, n, k, cfg, _useful_threads(m * n * k, cfg, threads), b_packed)
 
 
 def _useful_threads(macs: int, cfg: GemmConfig, threads: int) -> int:
     return max(1, min(threads, macs // (MIN_MACS_PER_THREAD_PER_LANE * cfg.vl)))
 
 
-def split_block(m: int, n: int, cfg: GemmConfig, threads: int) -> list[tuple[int, ...]]:
-    """C split into <= `threads` blocks (m0, m1, n0, n1) on tile boundaries. Splitting N
-    duplicates the packing of A in every thread and splitting M that of B, so split the
-    dimension that duplicates less."""
-    split_n = n >= m
-    size, step = (n, cfg.nr) if split_n else (m, cfg.mr)
-    tiles = -(-size // step)
-    threads = max(1, min(threads, tiles))
-    bounds = [min(size, (tiles * t // threads) * step) for t in range(threads + 1)]
-    if split_n:
-        return [(0, m, bounds[t], bounds[t + 1]) for t in range(threads)]
-    return [(bounds[t], bounds[t + 1], 0, n) for t in range(threads)]
+# Packing one element costs about as much as this many multiply-adds (a vector load + store per
+# VL elements, against 2 FMAs of VL lanes per cycle); `split_block` weighs duplicated packing
+# against uneven compute with it.
+PACK_MACS = 4
+
+
+def split_block(m: int, n: int, k: int, cfg: GemmConfig, threads: int,
+                b_packed: bool = False) -> list[tuple[int, ...]]:
+    """C split into <= `threads` blocks (m0, m1, n0, n1) on tile boundaries: of the grids
+    tm x tn <= threads, the one whose slowest block costs least. A block computes whole MR x NR
+    tiles (a partial tile costs a full one: 512 columns are 10.7 panels of 48, split 5 / 6), and
+    packs its rows of A and its columns of B (none when B is prepacked); splitting N duplicates
+    the packing of A in every block, splitting M that of B."""
+    def bounds(size: int, step: int, parts: int) -> list[int]:
+        tiles = -(-size // step)
+        return [min(size, (tiles * t // parts) * step) for t in range(parts + 1)]
+
+    def blocks(rows: list[int], cols: list[int]) -> list[tuple[int, ...]]:
+        return [(r0, r1, c0, c1) for (r0, r1), (c0, c1) in product(pairwise(rows),
+                                                                    pairwise(cols))]
+
+    def cost(block: tuple[int, ...]) -> int:
+        r, c = block[1] - block[0], block[3] - block[2]
+        compute = -(-r // cfg.mr) * cfg.mr * -(-c // cfg.nr) * cfg.nr * k
+        return compute + PACK_MACS * k * (r + (0 if b_packed else c))
+
+    m_tiles, n_tiles = -(-m // cfg.mr), -(-n // cfg.nr)
+    grids = [blocks(bounds(m, cfg.mr, tm), bounds(n, cfg.nr, tn))
+             for tm in range(1, min(threads, m_tiles) + 1)
+             for tn in range(1, min(threads // tm, n_tiles) + 1)]
+    return min(grids, key=lambda grid: max(map(cost, grid)))
 
 
 def schedule(sizes: list[tuple[int, int, int]], cfg: GemmConfig, threads: int,
@@ -426,7 +446,7 @@ def schedule(sizes: list[tuple[int, int, int]], cfg: GemmConfig, threads: int,
         plan[i * threads // whole].append((i, (0, m, 0, n)))
     for i in range(whole, len(sizes)):
         m, n, _ = sizes[i]
-        for t, block in enumerate(split_block(m, n, cfg, threads)):
+        for t, block in enumerate(split_block(m, n, sizes[i][2], cfg, threads)):
             plan[t].append((i, block))
     return plan
 
@@ -588,7 +608,7 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
                      isinstance(b, PackedB))
     ptrs = (a.ctypes.data, _data(b).ctypes.data, out.ctypes.data)
     pcols = [c.ctypes.data for c in cols]
-    blocks = partition(m, n, k, kernel.config, threads or cpu_threads())
+    blocks = partition(m, n, k, kernel.config, threads or cpu_threads(), isinstance(b, PackedB))
     branch = _low_rank_jobs(low_rank, blocks, (k, n), kernel, epilogue)
     plan = [[layout.job(block, k, ptrs, (row0, col0), pcols, job)]
             for block, job in zip(blocks, branch.jobs)]
