@@ -387,7 +387,7 @@ AVX512 = HostTarget("znver4", ",".join(sorted(
 
 
 def test_avx512_module_with_tile_epilogue_compiles():
-    """The AVX-512 path (8x48 tile) renders valid IR with a tile epilogue; it runs only where
+    """The AVX-512 path (8x32 tile) renders valid IR with a tile epilogue; it runs only where
     the host has AVX-512 (then TARGETS covers it), so here it is compiled but not called."""
     kernel = compile_gemm(default_config(AVX512), (Relu(),), AVX512, RESIDUAL_EPILOGUE)
     assert kernel.config.vl == 16 and "call void @epi_residual" in kernel.llvm_ir
