@@ -38,7 +38,7 @@ def worker(sizes: list[int], reps: int, threads: int, target_name: str) -> list[
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from backends.cpu import compile_gemm, host_target, sgemm
+    from lmc.backends.cpu import compile_gemm, host_target, sgemm
 
     target = host_target().without_avx512() if target_name == "avx2" else None
     config = compile_gemm(target=target).config
@@ -87,7 +87,7 @@ def main() -> None:
 
 def report(rows: list[dict], target_name: str) -> None:
     sys.path.insert(0, str(ROOT))
-    from backends.cpu import host_target
+    from lmc.backends.cpu import host_target
 
     host = host_target()
     print(f"host {host.cpu}, avx512={host.has_avx512}, code path {target_name}, "

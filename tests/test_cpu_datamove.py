@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from backends.cpu import datamove as dm
-from backends.cpu import host_target
-from backends.reference.interpreter import IMPL
+from lmc.backends.cpu import datamove as dm
+from lmc.backends.cpu import host_target
+from lmc.backends.reference.interpreter import IMPL
 from lmc.errors import LmcError, ShapeError
 
 HOST = host_target()

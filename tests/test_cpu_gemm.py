@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from backends.cpu import GemmConfig, Relu, compile_gemm, host_target, sgemm
-from backends.cpu import threads as cpu_threads
-from backends.cpu.gemm import TileEpilogue, default_config
-from backends.cpu.jit import HostTarget, JitError
-from backends.cpu.threads import LowRank, batched_sgemm, grouped_sgemm, prepack_b
-from backends.reference.interpreter import IMPL
+from lmc.backends.cpu import GemmConfig, Relu, compile_gemm, host_target, sgemm
+from lmc.backends.cpu import threads as cpu_threads
+from lmc.backends.cpu.gemm import TileEpilogue, default_config
+from lmc.backends.cpu.jit import HostTarget, JitError
+from lmc.backends.cpu.threads import LowRank, batched_sgemm, grouped_sgemm, prepack_b
+from lmc.backends.reference.interpreter import IMPL
 from lmc.errors import ShapeError
 
 # Tiny blocks: K, M and N each span several KC/MC/NC blocks already at sizes ~100.
@@ -621,7 +621,7 @@ done:
 
 
 def _fill_kernel() -> int:
-    from backends.cpu.jit import default_engine
+    from lmc.backends.cpu.jit import default_engine
     engine = default_engine()
     if "lmc_test_fill" not in engine.modules:
         engine.add_ir("lmc_test_fill", _FILL_IR)

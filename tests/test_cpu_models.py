@@ -104,6 +104,41 @@ def test_memory_plan_reuses_buffers():
     assert 0 < peak["arena_bytes"] < peak["without_reuse_bytes"]
 
 
+class _Joined(torch.nn.Module):
+    """A concat of: a kernel's result; heads computed by a kernel and merged (permute +
+    reshape); the input itself; a kernel's [B, T·d] result split back into [B, T, d] (in a
+    slice of the wider concat, rows of d are not T·d apart: no view undoes that reshape)."""
+
+    def forward(self, x):
+        b, t, d = x.shape
+        heads = x.reshape(b, t, 4, d // 4).permute(0, 2, 1, 3) * 3.0
+        merged = heads.permute(0, 2, 1, 3).reshape(b, t, d)
+        crossed = torch.relu(x.flatten(1)).reshape(b, t, d)
+        return torch.cat([torch.sigmoid(x), merged, x, crossed], dim=-1) + 1.0
+
+
+def test_concat_operands_are_computed_in_place():
+    """The memory plan places a concat operand that a kernel computes (through reshapes and
+    permutes) in its slice of the concat's buffer: the kernel writes there and the concat
+    copies nothing for it. The input and the operand whose views need a copy are copied."""
+    model = _Joined()
+    T = torch.export.Dim("T", max=64)
+    cm = lmc.compile(model, (torch.randn(2, 8, 16),), dynamic_shapes=({1: T},), target="cpu",
+                     options=lmc.CompileOptions(cache_dir="off"))
+    ex = cm.executable
+    assert "tensor.concat" not in " ".join(cm.report["fallback"])
+    for t in (8, 37):
+        x = torch.randn(2, t, 16)
+        _compare(cm, model, (x,))
+        layout = ex.plan.layout(ex._env([x.numpy()]))
+        joined = {p.into for p, _ in layout.placed.values()}
+        assert len(layout.placed) == 2 and len(joined) == 1
+        whole = layout.view(ex.plan.buffers[joined.pop()], ex._env([x.numpy()]))
+        for slot in layout.placed:
+            part = layout.view(ex.plan.buffers[slot], ex._env([x.numpy()]))
+            assert np.shares_memory(part, whole)
+
+
 def test_heads_are_merged_without_a_copy(monkeypatch):
     """An attention output read only through the head-merging permute is stored in that
     order: the reshape after it is a view (no copy), and the block still matches eager."""

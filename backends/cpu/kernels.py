@@ -481,6 +481,35 @@ def _float(v: Value) -> bool:
     return v.dtype in (DType.f32, DType.f64)
 
 
+@dataclass(frozen=True)
+class ConcatLauncher:
+    """tensor.concat into its planned output. An operand that the memory plan placed in its
+    slice of the output (`memory.Placement`: the kernel computing it wrote there) arrives as
+    that very slice and is left alone; any other operand is copied in."""
+
+    op: Op
+    planned = True  # writes into the memory plan's buffer, as kernel steps do
+
+    def __call__(self, ins, outs, env) -> None:
+        out = outs[0]
+        axis, start = normalize_axis(self.op.axis, out.ndim), 0
+        for x in ins:
+            part = out[(slice(None),) * axis + (slice(start, start + x.shape[axis]),)]
+            start += x.shape[axis]
+            if not _same_view(x, part):
+                np.copyto(part, x)
+
+
+def _same_view(x: np.ndarray, y: np.ndarray) -> bool:
+    """x and y are the same elements (strides of size-1 axes do not matter)."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if x.size == 0:
+        return True
+    return x.__array_interface__["data"][0] == y.__array_interface__["data"][0] and all(
+        a == b for n, a, b in zip(x.shape, x.strides, y.strides) if n > 1)
+
+
 # op name -> (does the native kernel take this op?, fn(op, env, *arrays)): data movement,
 # indexing for backward graphs (scatter.py), cross-entropy (losses.py), the MoE weight gradient.
 NATIVE: dict[str, tuple[Callable[[Op], bool], Callable]] = {

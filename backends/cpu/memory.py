@@ -6,14 +6,20 @@ permute, slice) counts as a read of the viewed buffer. Sizes depend on symbolic 
 are assigned per binding of the symbols (greedy: largest buffer first, lowest offset that does
 not overlap a live buffer) and cached; the arena is allocated once per binding and reused by every
 call with those sizes.
+
+A concat's operand that a kernel computes (through reshapes and permutes) can be *placed*: the
+kernel writes straight into its slice of the concat's buffer, and the concat copies nothing
+(`Placement`). Whether the views undo into strides is checked per binding; where they do not,
+the operand gets its own buffer and the concat copies it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from lmc.ir.types import TensorType, eval_shape
+from lmc.ir.core import Op
+from lmc.ir.types import Dim, TensorType, eval_shape
 
 ALIGN = 64  # bytes: vector loads of a buffer start on a cache line
 
@@ -32,6 +38,20 @@ class Buffer:
     perm: tuple[int, ...] | None = None
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Buffer `slot` stored inside buffer `into` (a concat's result): its value is the slice
+    [offset, offset + width) of `into` on `axis`, seen through the inverse of `views` (the
+    reshapes and permutes from the kernel's result to the concat operand, in that order)."""
+
+    slot: int
+    into: int
+    axis: int
+    before: tuple[Dim, ...]  # the widths of the concat operands ahead of this one
+    width: Dim
+    views: tuple[Op, ...]
+
+
 @dataclass
 class Layout:
     """Offsets of every planned buffer for one binding of the symbols, and the arena."""
@@ -40,6 +60,7 @@ class Layout:
     nbytes: int
     unshared_bytes: int
     arena: np.ndarray = field(repr=False)
+    placed: dict[int, tuple[Placement, Buffer]] = field(default_factory=dict)
     _views: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def view(self, buf: Buffer, env: dict[str, int]) -> np.ndarray:
@@ -48,18 +69,43 @@ class Layout:
         found = self._views.get(buf.slot)
         if found is not None:
             return found
-        dtype = buf.type.dtype.to_numpy()
-        shape = eval_shape(buf.type.shape, env)
-        count = int(np.prod(shape, dtype=np.int64))
-        start = self.offsets[buf.slot]
-        flat = self.arena[start:start + count * dtype.itemsize].view(dtype)
-        if buf.perm is None:
-            view = flat.reshape(shape)
+        if buf.slot in self.placed:
+            place, into = self.placed[buf.slot]
+            view = placed_view(self.view(into, env), place, buf.type, env)
         else:
-            stored = flat.reshape([shape[p] for p in buf.perm])
-            view = stored.transpose(np.argsort(buf.perm))
+            start = self.offsets[buf.slot]
+            view = _arrange(self.arena[start:], buf, env)
         self._views[buf.slot] = view
         return view
+
+
+def _arrange(raw: np.ndarray, buf: Buffer, env: dict[str, int]) -> np.ndarray:
+    """The buffer's array over bytes `raw` (as long as it needs or longer), or, when `raw` has
+    the buffer's dtype already, over its elements."""
+    dtype = buf.type.dtype.to_numpy()
+    shape = eval_shape(buf.type.shape, env)
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = raw[:count] if raw.dtype == dtype else raw[:count * dtype.itemsize].view(dtype)
+    if buf.perm is None:
+        return flat.reshape(shape)
+    return flat.reshape([shape[p] for p in buf.perm]).transpose(np.argsort(buf.perm))
+
+
+def placed_view(into: np.ndarray, place: Placement, t: TensorType,
+                env: dict[str, int]) -> np.ndarray | None:
+    """The placed buffer's array inside `into`, or None when a reshape would need a copy."""
+    *before, width = eval_shape((*place.before, place.width), env)
+    offset = sum(before)
+    x = into[(slice(None),) * place.axis + (slice(offset, offset + width),)]
+    for op in reversed(place.views):
+        if op.name == "tensor.permute":
+            x = x.transpose(np.argsort(op.perm))
+            continue
+        try:
+            x = np.reshape(x, eval_shape(op.operand_values[0].type.shape, env), copy=False)
+        except ValueError:
+            return None
+    return x if x.shape == eval_shape(t.shape, env) else None
 
 
 def _nbytes(t: TensorType, env: dict[str, int]) -> int:
@@ -91,17 +137,44 @@ def assign(buffers: list[Buffer], env: dict[str, int]) -> Layout:
 class MemoryPlan:
     """The planned buffers of one function and their layouts, per symbol binding (LRU of 8)."""
 
-    def __init__(self, buffers: list[Buffer], symbols: list[str]):
+    def __init__(self, buffers: list[Buffer], symbols: list[str],
+                 placements: list[Placement] = ()):
         self.buffers = {b.slot: b for b in buffers}
         self.symbols = symbols
+        self.placements = list(placements)
         self._layouts: dict[tuple[int, ...], Layout] = {}
 
     def layout(self, env: dict[str, int]) -> Layout:
         key = tuple(env[s] for s in self.symbols)
         layout = self._layouts.pop(key, None)
         if layout is None:
-            layout = assign(list(self.buffers.values()), env)
+            layout = self._assign(env)
             if len(self._layouts) >= 8:
                 self._layouts.pop(next(iter(self._layouts)))
         self._layouts[key] = layout
         return layout
+
+    def _assign(self, env: dict[str, int]) -> Layout:
+        """Offsets for this binding: the placements whose views undo here share their concat's
+        buffer, which then lives from the first of their writes to the last of their reads."""
+        placed = {p.slot: p for p in self.placements if self._fits(p, env)}
+        spans: dict[int, tuple[int, int]] = {}
+        for p in placed.values():
+            b, into = self.buffers[p.slot], self.buffers[p.into]
+            start, end = spans.get(p.into, (into.start, into.end))
+            spans[p.into] = (min(start, b.start), max(end, b.end))
+        own = [replace(b, start=spans[b.slot][0], end=spans[b.slot][1]) if b.slot in spans
+               else b for b in self.buffers.values() if b.slot not in placed]
+        layout = assign(own, env)
+        layout.placed = {s: (p, self.buffers[p.into]) for s, p in placed.items()}
+        return layout
+
+    def _fits(self, p: Placement, env: dict[str, int]) -> bool:
+        """Whether the views undo into strides for these sizes, tried on an array that has the
+        concat buffer's strides and no memory of its own (nothing reads or writes it)."""
+        into = self.buffers[p.into]
+        dtype = into.type.dtype.to_numpy()
+        count = int(np.prod(eval_shape(into.type.shape, env), dtype=np.int64))
+        fake = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), (count,), (dtype.itemsize,))
+        return placed_view(_arrange(fake, into, env), p, self.buffers[p.slot].type,
+                           env) is not None

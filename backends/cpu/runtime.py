@@ -18,13 +18,15 @@ from lmc.backends.reference.interpreter import IMPL, bind_symbols
 from lmc.errors import LmcError
 from lmc.ir.analysis import VIEWS
 from lmc.ir.core import Func, Module, Op, Value
-from lmc.ir.types import eval_shape
+from lmc.ir.types import eval_shape, normalize_axis
 
 from .jit import HostTarget, default_engine
-from .kernels import build_kernel, native_op
-from .memory import Buffer, MemoryPlan
+from .kernels import ConcatLauncher, build_kernel, native_op
+from .memory import Buffer, MemoryPlan, Placement
 
 CONSTANTS = frozenset(["tensor.constant", "tensor.iota"])
+# The views a concat operand may reach its kernel's result through and still be placed.
+PLACEABLE_VIEWS = frozenset(["tensor.reshape", "tensor.permute"])
 
 
 def run_view(op: Op, env: dict[str, int], x: np.ndarray) -> np.ndarray:
@@ -55,7 +57,7 @@ class Step:
 
     @property
     def planned(self) -> bool:
-        return self.kind == "kernel"
+        return self.kind == "kernel" or getattr(self.fn, "planned", False)
 
 
 class CpuExecutable:
@@ -77,7 +79,8 @@ class CpuExecutable:
         if prepack:
             self._fold_weights()
         self.output_slots = [self._slots[v] for v in self.func.outputs]
-        self.plan = MemoryPlan(self._buffers(), sorted(self._input_symbols()))
+        buffers = self._buffers()
+        self.plan = MemoryPlan(buffers, sorted(self._input_symbols()), self._placements(buffers))
         self._last_use = self._last_uses()
         self._lock = threading.Lock()  # the arena is per executable: one call at a time
 
@@ -98,6 +101,8 @@ class CpuExecutable:
         if op.name in CONSTANTS:  # data from attributes and sizes only: numpy makes it
             fn = run_constant if op.name == "tensor.constant" else IMPL[op.name]
             return Step(op, args, outs, fn, "constant")
+        if op.name == "tensor.concat":
+            return Step(op, args, outs, ConcatLauncher(op), "native")
         native = native_op(op, self.threads)
         if native is not None:
             return Step(op, args, outs, native, "native")
@@ -168,6 +173,31 @@ class CpuExecutable:
                             perms[s] = _read_permuted(v)
         return [Buffer(s, types[s], start[s], end.get(s, start[s]), perms.get(s))
                 for s in start]
+
+    def _placements(self, buffers: list[Buffer]) -> list[Placement]:
+        """Concat operands that a kernel writing through strides computes, by way of reshapes
+        and permutes only: each is placed in its slice of the concat's buffer."""
+        planned = {b.slot for b in buffers}
+        view_of = {st.outs[0]: st for st in self.steps if st.kind == "view"}
+        writer = {s: st for st in self.steps if st.planned for s in st.outs}
+        taken: set[int] = set()
+        found = []
+        for st in self.steps:
+            if st.op.name != "tensor.concat" or st.outs[0] not in planned:
+                continue
+            axis = normalize_axis(st.op.axis, st.op.result.type.rank)
+            widths = [v.type.shape[axis] for v in st.op.operand_values]
+            for i, s in enumerate(st.args):
+                views = []
+                while s in view_of and view_of[s].op.name in PLACEABLE_VIEWS:
+                    views.append(view_of[s].op)
+                    s = view_of[s].args[0]
+                if s in planned and s not in taken and \
+                        getattr(getattr(writer.get(s), "fn", None), "strided_out", False):
+                    taken.add(s)
+                    found.append(Placement(s, st.outs[0], axis, tuple(widths[:i]), widths[i],
+                                           tuple(reversed(views))))
+        return found
 
     def _last_uses(self) -> list[list[int]]:
         """Per step, the slots whose last reader it is (freed after it, unless returned)."""
