@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lmc.backends.cpu import GemmConfig, Relu, compile_gemm, host_target, sgemm
+from lmc.backends.cpu import pool as cpu_pool
 from lmc.backends.cpu import threads as cpu_threads
 from lmc.backends.cpu.gemm import TileEpilogue, default_config
 from lmc.backends.cpu.jit import HostTarget, JitError
@@ -628,17 +629,17 @@ def _fill_kernel() -> int:
     return engine.function_address("lmc_test_fill")
 
 
-@pytest.mark.parametrize("wait_spin_us", [cpu_threads.WAIT_SPIN_US, 0], ids=["spin", "sleep"])
+@pytest.mark.parametrize("wait_spin_us", [cpu_pool.WAIT_SPIN_US, 0], ids=["spin", "sleep"])
 def test_pool_python_and_native_jobs(monkeypatch, wait_spin_us):
     """Native range tasks and Python jobs, more jobs than cores (extras run in the caller);
     with no spin budget the caller sleeps and the worker has to wake it."""
-    monkeypatch.setattr(cpu_threads, "WAIT_SPIN_US", wait_spin_us)
-    fill, pool = _fill_kernel(), cpu_threads.pool()
+    monkeypatch.setattr(cpu_pool, "WAIT_SPIN_US", wait_spin_us)
+    fill, pool = _fill_kernel(), cpu_pool.pool()
     for _ in range(3):
         out = np.zeros(4000, np.int64)
         seen = []
         jobs = [lambda seen=seen: seen.append("caller")]
-        jobs += [cpu_threads.range_task(fill, 1000 * i, 1000 * (i + 1), out.ctypes.data)
+        jobs += [cpu_pool.range_task(fill, 1000 * i, 1000 * (i + 1), out.ctypes.data)
                  for i in range(3)]
         jobs.append(lambda seen=seen: seen.append("python"))
         pool.run(jobs)
@@ -650,12 +651,12 @@ def test_pool_python_and_native_jobs(monkeypatch, wait_spin_us):
     slow = []
     pool.run([lambda: None, lambda: (time.sleep(0.01), slow.append(1))])
     big = np.zeros(1 << 23, np.int64)
-    pool.run([lambda: None, cpu_threads.range_task(fill, 0, big.size, big.ctypes.data)])
+    pool.run([lambda: None, cpu_pool.range_task(fill, 0, big.size, big.ctypes.data)])
     assert slow == [1] and big[-1] == 3 * (big.size - 1)
 
 
 def test_pool_reraises_and_recovers():
-    pool = cpu_threads.pool()
+    pool = cpu_pool.pool()
 
     def fail():
         raise ValueError("from a worker")
@@ -676,7 +677,7 @@ def test_pool_nested_and_concurrent_calls():
     def gemm(name):
         got[name] = sgemm(a, b, threads=2)
 
-    cpu_threads.pool().run([lambda: gemm("outer"), lambda: gemm("nested")])
+    cpu_pool.pool().run([lambda: gemm("outer"), lambda: gemm("nested")])
     threads = [threading.Thread(target=gemm, args=(f"t{i}",)) for i in range(3)]
     for t in threads:
         t.start()

@@ -14,7 +14,7 @@ import pytest
 
 from lmc.backends.cpu import loops
 from lmc.backends.cpu.jit import default_engine, host_target
-from lmc.backends.cpu.threads import pool as core_pool
+from lmc.backends.cpu.pool import pool as core_pool
 from lmc.backends.reference.interpreter import bind_symbols, run_block
 from lmc.errors import LmcError, ShapeError
 from lmc.ir import DType, TensorType, parse
@@ -457,7 +457,7 @@ def test_scalar_and_unit_domains(target, lanes):
 
 
 class RecordingPool:
-    """Runs jobs like threads.pool(), remembering how many each launch had."""
+    """Runs jobs like pool.pool(), remembering how many each launch had."""
 
     def __init__(self):
         self.sizes = []

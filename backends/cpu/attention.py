@@ -41,10 +41,10 @@ from .attention_ir import (
     render_attention_module,
 )
 from .jit import HostTarget, default_engine
-from .threads import cpu_threads, pool, range_task
+from .pool import cpu_threads, pool, range_task
 
 # Below this many multiply-adds per thread per vector lane, waking the second core costs more
-# than it saves (~100 us, see threads.py): half of GEMM's threshold, as attention runs at about
+# than it saves (~100 us, see pool.py): half of GEMM's threshold, as attention runs at about
 # half of GEMM's rate per core, so that is the same ~150 us of work per thread.
 MIN_MACS_PER_THREAD_PER_LANE = 1 << 19
 

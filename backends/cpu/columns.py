@@ -44,8 +44,8 @@ from .loops import (
     decompose,
 )
 from .loops import default_lanes as _default_lanes
-from .threads import pool as core_pool
-from .threads import range_task
+from .pool import pool as core_pool
+from .pool import range_task
 
 UNROLL = 4  # vectors per work item: independent accumulators, and 4 x 32 B of each row read
 

@@ -21,7 +21,7 @@ from lmc.errors import LmcError, ShapeError
 
 from .irtext import FunctionWriter
 from .jit import HostTarget, default_engine
-from .threads import _thread_scratch, cpu_threads, pool, range_task
+from .pool import _thread_scratch, cpu_threads, pool, range_task
 
 
 class IndexRangeError(LmcError):

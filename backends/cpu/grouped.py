@@ -16,6 +16,7 @@ from lmc.errors import ShapeError
 
 from .gemm import compile_gemm
 from .jit import HostTarget
+from .pool import cpu_threads
 from .threads import (
     F32,
     _as_f32,
@@ -25,7 +26,6 @@ from .threads import (
     _unit_columns,
     _via_contiguous,
     _writable_out,
-    cpu_threads,
     launch,
     schedule,
 )

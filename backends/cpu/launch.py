@@ -17,8 +17,8 @@ from lmc.errors import ShapeError
 from lmc.ir.types import eval_dim
 
 from .emit import COSTLY
-from .threads import CorePool, cpu_threads, range_task
-from .threads import pool as core_pool
+from .pool import CorePool, cpu_threads, range_task
+from .pool import pool as core_pool
 
 if TYPE_CHECKING:
     from .loops import Operand, Plan

@@ -32,7 +32,7 @@ from .datamove import (
 )
 from .irtext import FunctionWriter
 from .jit import HostTarget
-from .threads import cpu_threads
+from .pool import cpu_threads
 
 # Columns of an index_add slice per thread are whole cache lines (64 bytes of f32), so two
 # threads never write one line.
