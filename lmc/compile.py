@@ -36,7 +36,7 @@ def compile(model, example_inputs=None, *, target: str | None = None,
     from lmc.cache import open_cache  # the cache dir is resolved here, never deeper
     cache = open_cache(opts, os.environ.get("LMC_CACHE_DIR"))
     prefetch(opts)
-    module = _import(model, example_inputs, dynamic_shapes)
+    module = _import(model, example_inputs, dynamic_shapes, memo=cache is not None)
     loose = unbound_symbols(module.main)
     if loose:
         raise LmcError(f"input dims use symbol(s) {sorted(loose)} that no input has as a plain "
@@ -82,7 +82,9 @@ def build_executable(module: Module, options: CompileOptions):
     return None
 
 
-def _import(model, example_inputs, dynamic_shapes) -> Module:
+def _import(model, example_inputs, dynamic_shapes, memo: bool = False) -> Module:
+    """The model as a fresh lmc Module. `memo`: a torch module compiled before in this
+    process, unchanged (frontends/torch/memo.py), is not exported again."""
     if isinstance(model, Module):
         return model.clone()
     if isinstance(model, (str, Path)):
@@ -97,7 +99,16 @@ def _import(model, example_inputs, dynamic_shapes) -> Module:
             raise LmcError("compiling a torch.nn.Module needs example_inputs (a tuple of "
                            "tensors) for torch.export")
         from lmc.frontends.torch import import_module
-        return import_module(model, _unalias(_as_tuple(example_inputs)), dynamic_shapes)
+        from lmc.frontends.torch import memo as import_memo
+        inputs = _unalias(_as_tuple(example_inputs))
+        if not memo:
+            return import_module(model, inputs, dynamic_shapes)
+        key = import_memo.guard(model, inputs, dynamic_shapes)
+        module = import_memo.imported(model, key)
+        if module is None:
+            module = import_module(model, inputs, dynamic_shapes)
+            import_memo.remember(model, key, module)
+        return module
     raise LmcError(f"cannot compile a {type(model).__name__}: pass a torch.nn.Module, an "
                    "lmc.ir.Module, or the path of a .lmc file")
 

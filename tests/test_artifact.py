@@ -10,10 +10,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 import lmc
 from lmc.backends.cpu import jit
@@ -515,6 +517,58 @@ def test_a_damaged_cache_entry_is_a_miss(cache_dir):
     assert not cm.cache_hit
     _check_against_reference(cm, module, rng, seed)
     assert lmc.compile(module, target="cpu").cache_hit  # stored again
+
+
+class _Knobs(torch.nn.Module):
+    """A forward steered by plain attributes (what the import memo's guard must notice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.scale, self.smooth = 2.0, True
+        self.config = types.SimpleNamespace(shift=False)  # as Hugging Face models read theirs
+
+    def forward(self, x):
+        y = self.fc(x) * self.scale + (1.0 if self.config.shift else 0.0)
+        return torch.nn.functional.gelu(y) if self.smooth else torch.relu(y)
+
+
+def test_an_unchanged_module_is_not_exported_again(monkeypatch):
+    """The import memo: compiling the same module object again skips torch.export while
+    nothing torch.export would see has changed, and exports again when something has."""
+    from lmc.frontends.torch import export as torch_export
+    exports = []
+    real = torch_export.export
+    monkeypatch.setattr(torch_export, "export",
+                        lambda *a, **kw: exports.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    model, x = _Knobs(), torch.randn(3, 8)
+
+    def compiled_matches(**kw):
+        cm = lmc.compile(model, (x,), target="cpu", **kw)
+        with torch.no_grad():
+            np.testing.assert_allclose(cm(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+        return cm
+
+    compiled_matches()
+    assert compiled_matches().cache_hit and len(exports) == 1
+    with torch.no_grad():
+        model.fc.weight.mul_(2.0)  # in place: the IR's weights are views, the cache key differs
+    assert not compiled_matches().cache_hit and len(exports) == 1
+    changes = [lambda: setattr(model, "scale", 3.0), lambda: setattr(model, "smooth", False),
+               lambda: setattr(model.config, "shift", True),
+               lambda: model.train(False),
+               lambda: setattr(model.fc, "weight", torch.nn.Parameter(torch.randn(8, 8)))]
+    for n, change in enumerate(changes, start=2):
+        change()
+        compiled_matches()
+        assert len(exports) == n
+    x = torch.randn(5, 8)  # another input shape
+    compiled_matches()
+    assert len(exports) == 7
+    compiled_matches(options=lmc.CompileOptions(cache_dir="off"))  # no cache: no memo
+    compiled_matches(options=lmc.CompileOptions(cache_dir="off"))
+    assert len(exports) == 9
 
 
 def test_eviction_keeps_the_newest_files(tmp_path):

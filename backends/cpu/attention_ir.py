@@ -13,7 +13,7 @@ from lmc.errors import ShapeError
 
 from . import vmath
 from .irtext import FunctionWriter, fconst, vec
-from .jit import HostTarget
+from .jit import HAND_VECTORIZED, HostTarget
 
 MASK_KINDS = ("none", "bool", "additive")
 F32 = 4
@@ -580,7 +580,8 @@ def render_attention_module(cfg: AttentionConfig, d: int, dv: int, kind: str) ->
     names["entry"] = f"lmc_attention_{suffix}"
     row = one_row_config(cfg)
     decls = sorted(_intrinsics(cfg.vl) | vmath.intrinsic_declarations([cfg.vl]))
-    parts = [f"; lmc flash attention D={d} Dv={dv} mask={kind} {cfg}", *decls, "",
+    parts = [HAND_VECTORIZED, f"; lmc flash attention D={d} Dv={dv} mask={kind} {cfg}", *decls,
+             "",
              vmath.render([cfg.vl]), render_pack_k(cfg, d, names["pack_k"]),
              render_pack_v(cfg, dv, names["pack_v"]), render_scores(cfg, d, names["scores"]),
              render_pv(cfg, dv, names["pv"]), render_scores(row, d, names["scores1"]),

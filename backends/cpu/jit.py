@@ -116,6 +116,17 @@ def llvm_version() -> str:
             f"{'.'.join(map(str, llvm.llvm_version_info))}")
 
 
+# A module whose text starts with this line is vectorized by hand (explicit vector types, its
+# loops unrolled by the renderer): O3 without LLVM's loop vectorizer, SLP vectorizer and loop
+# unroller, which found nothing to gain in the attention kernel and took 40 % of its ~1 s
+# compile (the line is part of the text, so of the module's cache key too).
+HAND_VECTORIZED = "; lmc: hand-vectorized (no LLVM loop/SLP vectorizer, no unroller)"
+
+
+def _vectorize(llvm_ir: str) -> bool:
+    return not llvm_ir.startswith(HAND_VECTORIZED)
+
+
 def module_key(llvm_ir: str, target: HostTarget, opt_level: int) -> str:
     """sha256 of everything that decides a module's object code."""
     h = hashlib.sha256()
@@ -240,7 +251,7 @@ class JitEngine:
     def _codegen(self, name: str, llvm_ir: str) -> tuple[bytes, str]:
         """Parse → verify → O3 → object code, with this thread's own target machine."""
         module = self._parse(name, llvm_ir)
-        self._optimize(module, self._thread_machine())
+        self._optimize(module, self._thread_machine(), _vectorize(llvm_ir))
         optimized = str(module)
         return self._thread_machine().emit_object(module), optimized
 
@@ -312,21 +323,19 @@ class JitEngine:
     def optimize_text(self, name: str, llvm_ir: str) -> str:
         """`llvm_ir` after O3, as text (no codegen, nothing added to the engine)."""
         module = self._parse(name, llvm_ir)
-        self._optimize(module)
+        self._optimize(module, vectorize=_vectorize(llvm_ir))
         return str(module)
 
     def assembly(self, llvm_ir: str) -> str:
         """Host assembly for `llvm_ir` after O3: for reading what the vectorizer made of it."""
         module = llvm.parse_assembly(llvm_ir)
         module.triple = self.target_machine.triple
-        self._optimize(module)
+        self._optimize(module, vectorize=_vectorize(llvm_ir))
         return self.target_machine.emit_assembly(module)
 
-    def _optimize(self, module, machine=None) -> None:
+    def _optimize(self, module, machine=None, vectorize: bool = True) -> None:
         pto = llvm.create_pipeline_tuning_options(speed_level=self.opt_level)
-        pto.loop_vectorization = True
-        pto.slp_vectorization = True
-        pto.loop_unrolling = True
+        pto.loop_vectorization = pto.slp_vectorization = pto.loop_unrolling = vectorize
         builder = llvm.create_pass_builder(machine or self.target_machine, pto)
         builder.getModulePassManager().run(module, builder)
 
