@@ -402,6 +402,7 @@ def test_avx512_module_with_tile_epilogue_compiles():
                          ids=["default", "small-blocks", "wide-blocks"])
 def test_prepacked_b(monkeypatch, m, n, k, config):
     monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    monkeypatch.setattr(cpu_threads, "PACK_BYTES_PER_THREAD", 1)  # pack on every core
     rng, seed = _rng()
     a, w, bias = _rand(rng, m, k), _rand(rng, n, k), _rand(rng, n)
     packed = prepack_b(w, trans_b=True, config=config)
@@ -480,6 +481,7 @@ GROUPS = [[1], [0, 3, 0, 1], [5, 0, 17, 130, 2], [200, 1, 0]]
 @pytest.mark.parametrize("w_layout", ["contiguous", "transposed", "packed"])
 def test_grouped_matches_interpreter(monkeypatch, counts, d, f, w_layout):
     monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    monkeypatch.setattr(cpu_threads, "PACK_BYTES_PER_THREAD", 1)  # experts packed in parts
     rng, seed = _rng()
     offsets = _expert_offsets(rng, counts)
     x, w = _rand(rng, int(offsets[-1]), d), _rand(rng, len(counts), d, f)
