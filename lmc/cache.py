@@ -116,7 +116,7 @@ class ModelCache:
         if not path.exists():
             return None
         try:
-            cm = open_artifact(path).build(options, meta=imported.meta)
+            cm = open_artifact(path, hashes=False).build(options, meta=imported.meta)
         except ArtifactError as exc:
             warnings.warn(f"lmc: dropping a bad compile cache entry: {exc}", stacklevel=3)
             path.unlink(missing_ok=True)

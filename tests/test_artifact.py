@@ -517,6 +517,15 @@ def test_a_damaged_cache_entry_is_a_miss(cache_dir):
     assert not cm.cache_hit
     _check_against_reference(cm, module, rng, seed)
     assert lmc.compile(module, target="cpu").cache_hit  # stored again
+    # One flipped bit in the weights: the cache does not check sha256s (the zip's CRC-32 of
+    # every entry catches damage to a file lmc wrote itself).
+    data = bytearray(entry.read_bytes())
+    data[data.find(b"weights.safetensors") + 300] ^= 0x10  # past the local header's name
+    entry.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"dropping a bad compile cache entry"):
+        cm = lmc.compile(module, target="cpu")
+    assert not cm.cache_hit
+    _check_against_reference(cm, module, rng, seed)
 
 
 class _Knobs(torch.nn.Module):
