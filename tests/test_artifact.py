@@ -589,3 +589,19 @@ def test_eviction_keeps_the_newest_files(tmp_path):
     gone = evict(tmp_path, 250)
     assert sorted(p.name for p in gone) == ["0.o", "1.o", "2.o"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["3.o", "4.o"]
+
+
+def test_the_import_memo_does_not_keep_a_model_alive():
+    import gc
+    import weakref
+
+    from lmc.frontends.torch import memo
+    model = _Knobs()
+    model.forward = model.forward  # an instance attribute that refers back to the model
+    model.fc.register_forward_hook(lambda *a: None)
+    lmc.compile(model, (torch.randn(2, 8),), target="cpu")
+    assert model in memo._memo
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None

@@ -51,8 +51,11 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
 def _module_guard(name: str, m: torch.nn.Module, seen: dict) -> tuple:
     attrs = tuple(sorted((k, _state(v, 2, seen)) for k, v in vars(m).items()
                          if k not in _MODULE_FIELDS))
-    hooks = tuple(tuple(getattr(m, h, {}).items()) for h in _HOOKS)
-    return (name, type(m), type(m).forward, m.__dict__.get("forward"), m.training, attrs, hooks)
+    # Identities, not the objects: a bound method of the model kept in the memo's value would
+    # keep its weak key (the model) alive for good.
+    hooks = tuple(tuple((k, id(fn)) for k, fn in getattr(m, h, {}).items()) for h in _HOOKS)
+    own_forward = id(m.__dict__["forward"]) if "forward" in m.__dict__ else None
+    return (name, type(m), type(m).forward, own_forward, m.training, attrs, hooks)
 
 
 def _state(v, depth: int, seen: dict):
