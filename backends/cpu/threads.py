@@ -72,6 +72,12 @@ def _useful_threads(macs: int, cfg: GemmConfig, threads: int) -> int:
 PACK_MACS = 4
 
 
+def _tile_bounds(size: int, step: int, parts: int) -> list[int]:
+    """[0, size) cut into `parts` ranges of whole `step` tiles (the last one may be partial)."""
+    tiles = -(-size // step)
+    return [min(size, (tiles * t // parts) * step) for t in range(parts + 1)]
+
+
 def split_block(m: int, n: int, k: int, cfg: GemmConfig, threads: int,
                 b_packed: bool = False) -> list[tuple[int, ...]]:
     """C split into <= `threads` blocks (m0, m1, n0, n1) on tile boundaries: of the grids
@@ -79,10 +85,6 @@ def split_block(m: int, n: int, k: int, cfg: GemmConfig, threads: int,
     tiles (a partial tile costs a full one: 512 columns are 10.7 panels of 48, split 5 / 6), and
     packs its rows of A and its columns of B (none when B is prepacked); splitting N duplicates
     the packing of A in every block, splitting M that of B."""
-    def bounds(size: int, step: int, parts: int) -> list[int]:
-        tiles = -(-size // step)
-        return [min(size, (tiles * t // parts) * step) for t in range(parts + 1)]
-
     def blocks(rows: list[int], cols: list[int]) -> list[tuple[int, ...]]:
         return [(r0, r1, c0, c1) for (r0, r1), (c0, c1) in product(pairwise(rows),
                                                                     pairwise(cols))]
@@ -93,7 +95,7 @@ def split_block(m: int, n: int, k: int, cfg: GemmConfig, threads: int,
         return compute + PACK_MACS * k * (r + (0 if b_packed else c))
 
     m_tiles, n_tiles = -(-m // cfg.mr), -(-n // cfg.nr)
-    grids = [blocks(bounds(m, cfg.mr, tm), bounds(n, cfg.nr, tn))
+    grids = [blocks(_tile_bounds(m, cfg.mr, tm), _tile_bounds(n, cfg.nr, tn))
              for tm in range(1, min(threads, m_tiles) + 1)
              for tn in range(1, min(threads // tm, n_tiles) + 1)]
     return min(grids, key=lambda grid: max(map(cost, grid)))
@@ -379,9 +381,8 @@ def prepack_b(b: np.ndarray, trans_b: bool = False, config: GemmConfig | None = 
     rsb, csb = _elements(b.strides[-2:])
     # Column ranges on panel boundaries, packed on all cores: a weight read across its rows
     # (torch's [N, K] layout) packs at ~0.5 GB/s per core, the GPT block's 12 MB in ~20 ms.
-    tiles = -(-n // cfg.nr)
-    parts = max(1, min(cpu_threads(), tiles, data.nbytes // PACK_BYTES_PER_THREAD))
-    cuts = [min(n, tiles * t // parts * cfg.nr) for t in range(parts + 1)]
+    parts = max(1, min(cpu_threads(), -(-n // cfg.nr), data.nbytes // PACK_BYTES_PER_THREAD))
+    cuts = _tile_bounds(n, cfg.nr, parts)
 
     def pack(c0: int, c1: int) -> None:
         for index in np.ndindex(*batch):
