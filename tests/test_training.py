@@ -71,6 +71,37 @@ def test_tiny_gpt_adamw_50_steps_matches_eager(target):
     assert torch.equal(model.head.weight, sd["head.weight"])
 
 
+def test_a_step_writes_into_the_weights_of_the_step_before_last():
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=V, d=16, layers=1, heads=2, max_seq=16)
+    before = copy.deepcopy(model.state_dict())
+    data = batches(5)
+    trainer = lmc.compile_training(model, data[0], loss_fn=lm_loss, target="cpu",
+                                   optimizer=lmc.optim.Adam(lr=1e-2))
+    held = []  # what a user may keep between steps: state dicts, optimizer state
+    arrays = []
+    for b in data:
+        trainer.step(*b)
+        arrays.append(trainer.module.params["head.weight"])
+        held.append((trainer.state_dict(), trainer.optimizer_state()))
+    # Steps 1 and 2 wrote fresh arrays (the first weights may be the model's own memory);
+    # from then on each step reuses the buffers of the step before last.
+    assert arrays[2] is arrays[0] and arrays[3] is arrays[1] and arrays[1] is not arrays[0]
+    for key, t in model.state_dict().items():  # the model itself is untouched
+        assert torch.equal(t, before[key]), key
+    # Copies are taken out: a state dict of step 1 still differs from step 3's weights.
+    assert not torch.equal(held[0][0]["head.weight"], held[2][0]["head.weight"])
+    states = [s for _, s in held]
+    assert any(not np.array_equal(states[0][k], states[2][k]) for k in states[0])
+    # A user's array put in place of the weights is read, never written into.
+    mine = trainer.module.params["head.weight"].copy()
+    trainer.module.params["head.weight"] = mine
+    kept = mine.copy()
+    for b in data[:3]:
+        trainer.step(*b)
+    assert np.array_equal(mine, kept)
+
+
 def test_schedule_and_clipping_are_fed_per_step():
     torch.manual_seed(0)
     model = TinyGPT(vocab=V, d=16, layers=1, heads=2, max_seq=16)

@@ -245,24 +245,32 @@ class CpuExecutable:
     def _env(self, inputs: list[np.ndarray]) -> dict[str, int]:
         return bind_symbols([a.type for a in self.func.inputs], inputs)
 
-    def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def __call__(self, inputs: list[np.ndarray],
+                 into: list[np.ndarray | None] | None = None) -> list[np.ndarray]:
+        """Run on `inputs`. `into`: per function result, an array the kernel computing it
+        writes the result into (None, or one of another shape or dtype: a fresh array); the
+        caller must not pass an array that is also an input (a trainer recycles the weights of
+        the step before last, see lmc/training.py): a fresh result of megabytes costs its page
+        faults on every call."""
         with self._lock:
-            return self._run(inputs)
+            return self._run(inputs, into=into)
 
-    def profile(self, inputs: list[np.ndarray], repeat: int = 10):
+    def profile(self, inputs: list[np.ndarray], repeat: int = 10,
+                into: list[np.ndarray | None] | None = None):
         """Run `repeat` calls timing every step: (an `lmc.profile.Profile`, the outputs of the
-        last call)."""
+        last call). `into` as for a call."""
         from lmc.profile import profile_of
         seconds = [0.0] * len(self.steps)
         with self._lock:
             for _ in range(repeat):
-                outs = self._run(inputs, seconds)
+                outs = self._run(inputs, seconds, into)
         return profile_of(self.steps, seconds, repeat, self._env(inputs)), outs
 
-    def _run(self, inputs: list[np.ndarray], seconds: list[float] | None = None
-             ) -> list[np.ndarray]:
+    def _run(self, inputs: list[np.ndarray], seconds: list[float] | None = None,
+             into: list[np.ndarray | None] | None = None) -> list[np.ndarray]:
         env = self._env(inputs)
         layout = self.plan.layout(env)
+        given = self._given(into, env)
         vals: list[np.ndarray | None] = [None] * len(self._slots)
         it = iter(inputs)
         for a, kind in zip(self.func.body.args, self.func.arg_kinds):
@@ -271,10 +279,10 @@ class CpuExecutable:
             vals[s] = x
         for i, (st, frees) in enumerate(zip(self.steps, self._last_use)):
             if seconds is None:
-                self._run_step(st, vals, env, layout)
+                self._run_step(st, vals, env, layout, given)
             else:  # profiling: the step's wall time, its worker threads included
                 t0 = time.perf_counter()
-                self._run_step(st, vals, env, layout)
+                self._run_step(st, vals, env, layout, given)
                 seconds[i] += time.perf_counter() - t0
             for s in frees:
                 vals[s] = None
@@ -282,12 +290,25 @@ class CpuExecutable:
         return [x if x.flags.writeable else x.copy()
                 for x in (vals[s] for s in self.output_slots)]
 
-    def _run_step(self, st: Step, vals: list, env: dict[str, int], layout) -> None:
+    def _given(self, into: list[np.ndarray | None] | None, env: dict[str, int]
+               ) -> dict[int, np.ndarray]:
+        """Result slot → the caller's array to compute it in, where `into` has a usable one."""
+        given: dict[int, np.ndarray] = {}
+        for s, v, x in zip(self.output_slots, self.func.outputs, into or ()):
+            if x is not None and s not in self.plan.buffers and x.flags.c_contiguous and \
+                    x.flags.writeable and x.dtype == v.type.dtype.to_numpy() and \
+                    x.shape == tuple(eval_shape(v.type.shape, env)):
+                given.setdefault(s, x)
+        return given
+
+    def _run_step(self, st: Step, vals: list, env: dict[str, int], layout,
+                  given: dict[int, np.ndarray] | None = None) -> None:
         ins = [vals[s] for s in st.args]
         try:
             if st.planned:
                 outs = [layout.view(self.plan.buffers[s], env) if s in self.plan.buffers
-                        else _fresh(v, env) for s, v in zip(st.outs, st.op.result_values)]
+                        else given[s] if given and s in given else _fresh(v, env)
+                        for s, v in zip(st.outs, st.op.result_values)]
                 st.fn(ins, outs, env)
             else:
                 result = st.fn(st.op, env, *ins)
