@@ -2,10 +2,11 @@
 
 Groups, formed in this order (each op joins at most one group):
 1. anchors — every `tensor.matmul` / `moe.grouped_matmul` with its elementwise epilogue (bias,
-   activation, residual, scale: the chain of single-use elementwise consumers of the same
-   shape, and the single-use elementwise producers of the same shape of what it reads), a LoRA
-   branch `(x·Aᵀ)·Bᵀ·s` added to a base matmul of the same `x` joins its base
-   matmul; every `tensor.attention` alone;
+   activation, residual, scale: the elementwise consumers of the same shape of what the
+   kernel computes, and the single-use elementwise producers of the same shape of what they
+   read; a value also used outside is one more kernel result), a LoRA branch `(x·Aᵀ)·Bᵀ·s`
+   added to a base matmul of the same `x` joins its base matmul; every `tensor.attention`
+   alone;
 2. reductions — softmax / log_softmax / layer_norm / rms_norm / sum / mean / max / min over
    trailing axes, with elementwise producers (prologue) and consumers (epilogue), and further
    reductions over the same rows (a hand-written LayerNorm is one kernel); sum / mean / max /
@@ -183,12 +184,16 @@ class _Fuser:
     # -- 1. anchors ----------------------------------------------------------------------------
 
     def grow_anchor(self, op: Op) -> None:
-        """A matmul / grouped matmul, the chain of its elementwise consumers, and the
-        elementwise producers of what that chain reads."""
+        """A matmul / grouped matmul, the chain of its elementwise consumers, the elementwise
+        producers of what that chain reads, then every further elementwise consumer of the
+        matmul's shape of a value the kernel computes (the kernel writes each value used
+        outside it as one more result)."""
         gid = self.new_group(op, ANCHORS[op.name])
         group = self.groups[gid]
         self._grow_epilogue(op, gid, group)
         self._pull_operand_producers(gid, group)
+        while self._grow_epilogue_outputs(gid, group):
+            self._pull_operand_producers(gid, group)
 
     def _pull_operand_producers(self, gid: int, group: Group) -> None:
         """An epilogue operand made by a single-use elementwise op of the matmul's own shape
@@ -208,10 +213,7 @@ class _Fuser:
         cur = op.result
         while True:
             users = cur.users
-            if len(cur.uses) != 1:
-                if len(cur.uses) > 1:
-                    self._note_first(users, group, f"the value it reads has {len(cur.uses)} "
-                                     "users, so the kernel writes it out and ends there")
+            if len(cur.uses) != 1:  # the fan-out joins in _grow_epilogue_outputs
                 return
             user = users[0]
             why = self._epilogue_misfit(user, cur, group)
@@ -224,6 +226,27 @@ class _Fuser:
                     self.reject(user, group, why)
                 return
             cur = user.result
+
+    def _grow_epilogue_outputs(self, gid: int, group: Group) -> bool:
+        """Elementwise consumers of the matmul's shape of any value the kernel computes, where
+        that value also has other users: a train step's `h = x·W` that both gelu(h) and the
+        backward read, an optimizer update of the weight gradient `dW = xᵀ·g` (g² and g − m).
+        The tile epilogue computes them while the tile is in registers and stores each value
+        used outside the kernel; separately, each would be a pass over [M, N] in memory."""
+        changed = False
+        for member in list(group.ops):
+            for v in member.result_values:
+                for user in v.users:
+                    if user in group.ops or user.name == "func.return":
+                        continue
+                    why = self._epilogue_misfit(user, v, group)
+                    if why is None:
+                        why = self.try_join(gid, user, group)
+                    if why is None:
+                        changed = True
+                    elif user.name in ELEMENTWISE:
+                        self.reject(user, group, why)
+        return changed
 
     def _epilogue_misfit(self, user: Op, cur: Value, group: Group) -> str | None:
         if user.name == "func.return":
@@ -261,14 +284,6 @@ class _Fuser:
         if any(len(c.result.uses) != 1 or not self.free(c) for c in chain):
             return False
         return all(self.try_join(gid, c, group) is None for c in reversed(chain))
-
-    def _note_first(self, users: list[Op], group: Group, why: str) -> None:
-        for u in users:
-            if u.name in ELEMENTWISE and self.free(u):
-                self.reject(u, group, why)
-                return
-
-    # -- 2. reductions and 3. elementwise groups -----------------------------------------------
 
     def grow_rows(self, op: Op, kind: str) -> None:
         """A reduction (or elementwise op) with its producers and consumers over one domain."""

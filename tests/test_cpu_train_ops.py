@@ -476,3 +476,53 @@ def test_gemm_epilogue_computes_its_operands(n, k):
     assert sorted(op.kind for op in kernels) == ["elementwise", "matmul", "matmul"], kernels
     assert any(o.name == "tensor.erf" for op in kernels if op.kind == "matmul"
                for o in op.body.ops)
+
+
+# A weight-gradient GEMM and the AdamW update of its weight (g read twice: g² and g − m), a
+# forward GEMM whose h is kept for the backward next to gelu(h), and a batched GEMM whose
+# scaled scores are a result next to their exp: each one matmul kernel with several results.
+MULTI_OUT = """
+func @main(%x: f32[N,{d}], %dy: f32[N,{f}], %w: f32[{d},{f}], %m: f32[{d},{f}],
+           %v: f32[{d},{f}], %wf: f32[{f},{d}], %q: f32[B,H,T,{d}], %kt: f32[B,H,{d},T])
+    -> (f32[{d},{f}], f32[{d},{f}], f32[{d},{f}], f32[N,{f}], f32[N,{f}], f32[B,H,T,T],
+        f32[B,H,T,T]) {{
+  %0 = tensor.constant {{value = 0.9}} : f32[]
+  %1 = tensor.constant {{value = 0.1}} : f32[]
+  %2 = tensor.constant {{value = 0.001}} : f32[]
+  %3 = tensor.constant {{value = 1e-08}} : f32[]
+  %xt = tensor.permute %x {{perm = [1, 0]}} : f32[{d},N]
+  %g = tensor.matmul %xt, %dy : f32[{d},{f}]
+  %4 = tensor.mul %m, %0 : f32[{d},{f}]
+  %5 = tensor.mul %g, %1 : f32[{d},{f}]
+  %m2 = tensor.add %4, %5 : f32[{d},{f}]
+  %6 = tensor.mul %g, %g : f32[{d},{f}]
+  %7 = tensor.mul %v, %0 : f32[{d},{f}]
+  %8 = tensor.mul %6, %1 : f32[{d},{f}]
+  %v2 = tensor.add %7, %8 : f32[{d},{f}]
+  %9 = tensor.sqrt %v2 : f32[{d},{f}]
+  %10 = tensor.add %9, %3 : f32[{d},{f}]
+  %11 = tensor.div %m2, %10 : f32[{d},{f}]
+  %12 = tensor.mul %11, %2 : f32[{d},{f}]
+  %w2 = tensor.sub %w, %12 : f32[{d},{f}]
+  %wft = tensor.permute %wf {{perm = [1, 0]}} : f32[{d},{f}]
+  %h = tensor.matmul %x, %wft : f32[N,{f}]
+  %gh = tensor.gelu %h {{approximate = "none"}} : f32[N,{f}]
+  %s = tensor.matmul %q, %kt : f32[B,H,T,T]
+  %13 = tensor.constant {{value = 0.125}} : f32[]
+  %ss = tensor.mul %s, %13 : f32[B,H,T,T]
+  %e = tensor.exp %ss : f32[B,H,T,T]
+  func.return %w2, %m2, %v2, %h, %gh, %ss, %e
+}}
+"""
+
+
+@pytest.mark.parametrize("d,f", [(1, 1), (7, 13), (40, 129)])
+def test_matmul_kernels_with_several_results(d, f):
+    """Each GEMM computes every value of its shape read from it, writing those used outside
+    (2-D tile epilogue, batched in-place epilogue), at two sizes, against the interpreter."""
+    ex = _check_run(MULTI_OUT.format(d=d, f=f), [{"N": 5, "B": 1, "H": 2, "T": 3},
+                                                 {"N": 131, "B": 2, "H": 3, "T": 17}],
+                    rtol=1e-4, atol=1e-5)
+    kernels = [st.op for st in ex.steps if st.op.name == "kernel.fused"]
+    assert [(op.kind, len(op.result_values)) for op in kernels] == \
+        [("matmul", 3), ("matmul", 2), ("matmul", 2)], kernels

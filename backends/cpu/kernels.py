@@ -248,7 +248,7 @@ def _additive_chain(v: Value, anchor: Value, epilogue: list[Op]) -> bool:
     return len(anchor.uses) == 1
 
 
-def _outlined(kind: str, arg_values: list[Value], ops: list[Op], result: Value,
+def _outlined(kind: str, arg_values: list[Value], ops: list[Op], results: list[Value],
               alias: dict[Value, Value] | None = None) -> Op:
     """A free-standing kernel.fused whose body clones `ops`, its args standing for
     `arg_values`: the part of a fused body one kernel generator compiles. `alias`: values
@@ -258,9 +258,10 @@ def _outlined(kind: str, arg_values: list[Value], ops: list[Op], result: Value,
     alias = alias or {}
     for o in ops:
         body.append(o.clone([mapping[alias.get(v, v)] for v in o.operand_values], mapping))
-    body.append(op_class("kernel.yield")([mapping[alias.get(result, result)]]))
+    body.append(op_class("kernel.yield")([mapping[alias.get(r, r)] for r in results]))
     free = Block([v.type for v in arg_values]).args  # operands outside any function
-    return op_class("kernel.fused")(free, {"kind": kind}, [result.type], [Region([body])])
+    return op_class("kernel.fused")(free, {"kind": kind}, [r.type for r in results],
+                                    [Region([body])])
 
 
 @dataclass
@@ -268,7 +269,8 @@ class GemmLauncher:
     """matmul / grouped matmul + epilogue. 2-D weights: one GEMM whose driver applies the
     epilogue to each finished block of C. Batched operands: a batched GEMM (a leading scale
     folded into its alpha), then the rest of the epilogue as one elementwise kernel in place.
-    A LoRA branch runs first, its scale folded into its GEMM."""
+    A LoRA branch runs first, its scale folded into its GEMM. The kernel's first result is
+    computed in C (outs[0]); the epilogue writes further results to their own outputs."""
 
     op: Op
     anchor_name: str
@@ -279,7 +281,7 @@ class GemmLauncher:
     def __post_init__(self) -> None:
         from .gemm import compile_gemm
         self.split = s = split_body(self.op.body, self.anchor_name)
-        self.result = self.op.body.terminator.operand_values[0]
+        self.results = list(self.op.body.terminator.operand_values)
         self.tile = self.in_place = None
         self.alpha = 1.0  # a scale of the anchor folded into its GEMM (batched operands)
         self.modules: list[str] = []
@@ -316,7 +318,7 @@ class GemmLauncher:
         if self._two_d():
             operands = list(a.operand_values)
             tile_op = _outlined(self.op.kind, operands + s.inputs, [a, *s.epilogue],
-                                self.result, s.low_rank.renamed if s.low_rank else None)
+                                self.results, s.low_rank.renamed if s.low_rank else None)
             # The epilogue is its own small module, called through a pointer by one GEMM
             # module that every matmul shares: a cold compile builds the ~1 s GEMM once, not
             # once per distinct epilogue. An indirect call per block of C costs nothing.
@@ -335,8 +337,8 @@ class GemmLauncher:
             if scale is not None:  # (q·kᵀ)·c: c becomes the batched GEMM's alpha
                 self.alpha, first = scale.operands
                 ops = [o for o in ops if o is not scale.op]
-            if self.result is not first:
-                ew = _outlined("elementwise", [first, *s.inputs], ops, self.result)
+            if self.results != [first]:
+                ew = _outlined("elementwise", [first, *s.inputs], ops, self.results)
                 self.in_place = compile_loop_kernel(ew, self.target)
                 self.modules.append(self.in_place.llvm_ir)
 
@@ -365,13 +367,13 @@ class GemmLauncher:
         extra = [vals[v] for v in self.split.inputs]
         if self.tile is not None:
             args, keep = _epilogue_args(self.epi_fn, [extra[i] for i in self.tile_operands],
-                                        out.shape)
+                                        out.shape, outs[1:])
             self._gemm(self.split.anchor, vals, out, args.ctypes.data)
             del keep  # the operand views had to outlive the GEMM call
         else:
             self._gemm(self.split.anchor, vals, out, 0, self.alpha)
             if self.in_place is not None:
-                self.in_place.run([out, *extra], [out], threads=self.threads, env=env)
+                self.in_place.run([out, *extra], outs, threads=self.threads, env=env)
 
     def _gemm(self, g: Op, vals, out, epi_args: int, alpha: float = 1.0):
         from .threads import batched_sgemm, grouped_sgemm, sgemm
@@ -425,10 +427,11 @@ def _leading_scale(anchor: Op, epilogue: list[Op]) -> _Scale | None:
     return None if c is None else _Scale(mul, (float(c), mul.result))
 
 
-def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple
-                   ) -> tuple[np.ndarray, list]:
-    """The epilogue's address, then (pointer, row stride, col stride) per operand of the 2-D
-    [M, N] view of the output (INDIRECT_TILE passes the words after the address on)."""
+def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple,
+                   outputs: list[np.ndarray] = ()) -> tuple[np.ndarray, list]:
+    """The epilogue's address, then (pointer, row stride, col stride) per operand, then per
+    further output, of their 2-D [M, N] views (INDIRECT_TILE passes the words after the
+    address on)."""
     words, keep = [fn], []
     n = shape[-1]
     for x in operands:
@@ -436,6 +439,12 @@ def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple
         if any(s % view.itemsize for s in view.strides):
             view = np.ascontiguousarray(view)
         keep.append(view)
+        words += [view.ctypes.data, view.strides[0] // view.itemsize,
+                  view.strides[1] // view.itemsize]
+    for y in outputs:
+        view = y.reshape(-1, n)
+        if not np.shares_memory(view, y):  # a reshape that copied would lose the result
+            raise ValueError("a matmul epilogue output must be a [M, N] view of its buffer")
         words += [view.ctypes.data, view.strides[0] // view.itemsize,
                   view.strides[1] // view.itemsize]
     return np.array(words, np.int64), keep

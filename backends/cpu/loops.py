@@ -648,18 +648,15 @@ def compile_loop_kernel(op: Op, target: HostTarget | None = None,
 
 # ---- GEMM tile epilogues -----------------------------------------------------------------------
 
-def _epilogue_ops(op: Op, anchor: Op) -> tuple[list[Op], list[Value], Value]:
-    """The ops the result is computed by from the anchor's (in body order, the constants they
-    read included; also ops on other inputs only, e.g. a gelu'(h) the epilogue multiplies by),
-    the values they read from outside (body arguments, in first-use order) and the result
-    written back."""
+def _epilogue_ops(op: Op, anchor: Op) -> tuple[list[Op], list[Value], list[Value]]:
+    """The ops the results are computed by from the anchor's (in body order, the constants
+    they read included; also ops on other inputs only, e.g. a gelu'(h) the epilogue multiplies
+    by), the values they read from outside (body arguments, in first-use order) and the
+    results: the first is written back into C, the others to outputs of their own."""
     body = op.body
-    term = body.terminator
-    if len(term.operand_values) != 1:
-        raise EmitError(op, "a tile epilogue writes back exactly one result")
-    result = term.operand_values[0]
-    needed, stack, from_anchor = set(), [result], False
-    while stack:  # the result's producers, up to the anchor and the body arguments
+    results = list(body.terminator.operand_values)
+    needed, stack, from_anchor = set(), list(results), False
+    while stack:  # the results' producers, up to the anchor and the body arguments
         v = stack.pop()
         from_anchor |= v.op is anchor
         if v in needed or v.op is None or v.op is anchor:
@@ -669,10 +666,12 @@ def _epilogue_ops(op: Op, anchor: Op) -> tuple[list[Op], list[Value], Value]:
     ops = [o for o in body.ops if o is not anchor and any(r in needed for r in o.result_values)]
     made = {anchor.result} | {r for o in ops for r in o.result_values}
     reads = list(dict.fromkeys(v for o in ops for v in o.operand_values if v not in made))
-    if not from_anchor or result.dtype.value != "f32":
-        raise EmitError(op, f"the tile epilogue result must be the f32 value computed from the "
-                            f"anchor, got {result.type}")
-    return ops, reads, result
+    shape = anchor.result.type.shape
+    if not from_anchor or any(r.dtype.value != "f32" or not _same_shape(r.type.shape, shape)
+                              for r in results):
+        raise EmitError(op, "the tile epilogue results must be f32 values of the matmul's "
+                            f"shape computed from it, got {[str(r.type) for r in results]}")
+    return ops, reads, results
 
 
 def render_tile_epilogue(op: Op, anchor: Op, target: HostTarget | None = None,
@@ -682,48 +681,56 @@ def render_tile_epilogue(op: Op, anchor: Op, target: HostTarget | None = None,
     i64 %row0, i64 %col0, i64 %mr, i64 %nr, ptr %args)` for a matmul kernel's epilogue (ABI in
     docs/CPU_BACKEND.md; `c` points at C[row0, col0]). The epilogue is compiled as an
     elementwise loop kernel over the mr x nr tile (the anchor value is its first operand, read
-    from C and written back), which the tile function calls with an args block it builds. The
-    text brings its own declarations and vmath functions. `exported`: the tile function is
-    public, for a module of its own called through a pointer, instead of internal (inlined into
-    the GEMM module that includes the text)."""
+    from C; the kernel's first result is written back there, further results to their own
+    outputs, whose (pointer, row stride, column stride) follow the operands' in `args`), which
+    the tile function calls with an args block it builds. The text brings its own declarations
+    and vmath functions. `exported`: the tile function is public, for a module of its own
+    called through a pointer, instead of internal (inlined into the GEMM module that includes
+    the text)."""
     lanes = lanes or default_lanes(default_engine(target).target)
-    ops, reads, result = _epilogue_ops(op, anchor)
-    if anchor.result.type.rank < 2 or not _same_shape(result.shape, anchor.result.shape):
+    ops, reads, results = _epilogue_ops(op, anchor)
+    if anchor.result.type.rank < 2:
         raise EmitError(op, "a tile epilogue maps a 2-D (or batched) matmul result onto itself")
     values = [anchor.result, *reads]
     body = Block([v.type for v in values])
     mapping = dict(zip(values, body.args))
     for o in ops:
         body.append(o.clone([mapping[v] for v in o.operand_values], mapping))
-    body.append(op_class("kernel.yield")([mapping[result]]))
+    body.append(op_class("kernel.yield")([mapping[r] for r in results]))
     kernel = op_class("kernel.fused")(Block([v.type for v in values]).args,
-                                      {"kind": "elementwise"}, [result.type], [Region([body])])
+                                      {"kind": "elementwise"}, [r.type for r in results],
+                                      [Region([body])])
     plan = Plan(kernel)
     key = canonical_text(kernel) + f"|tile|{lanes}"
     name = f"lmc_tile_epi_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     rows = _LoopWriter(plan, name + "_rows", lanes, "internal").render()
-    wrapper = _tile_wrapper(name, plan, reads, "" if exported else "internal ")
+    wrapper = _tile_wrapper(name, plan, reads, len(results) - 1,
+                            "" if exported else "internal ")
     return name, emit.module_text([rows, wrapper], {lanes}), reads
 
 
-def _tile_wrapper(name: str, plan: Plan, reads: list[Value], linkage: str) -> str:
+def _tile_wrapper(name: str, plan: Plan, reads: list[Value], extra_results: int,
+                  linkage: str) -> str:
     """The tile function: the loop kernel's args block for rows 0..mr of the tile, all row
     strides on the last outer axis, then one call (LLVM inlines it)."""
     r = plan.outer_rank
-    n_words = r + 1 + (len(reads) + 2) * (r + 2)
+    n_words = r + 1 + (len(reads) + 2 + extra_results) * (r + 2)
     w = FunctionWriter(f"{linkage}void @{name}(ptr %c, i64 %ldc, i64 %row0, i64 %col0, "
                        "i64 %mr, i64 %nr, ptr %args)")
     block = w.slot(f"[{n_words} x i64]", hint="words")
     words = ["1"] * (r - 1) + ["%mr", "%nr"]
     c = w.value("ptrtoint ptr %c to i64")
-    operands = [(c, "%ldc", "1")]
-    for k, v in enumerate(reads):
+    def passed(k: int, dtype: DType) -> tuple[str, str, str]:
+        """The k-th (pointer, row stride, column stride) of `args`, moved to the tile."""
         ptr, rs, cs = (w.load("ptr" if f == 0 else "i64", w.gep("%args", str(3 * k + f), "i64"),
                               8) for f in range(3))
         start = w.op("add", w.op("mul", "%row0", rs), w.op("mul", "%col0", cs))
-        base = w.value(f"ptrtoint ptr {w.gep(ptr, start, STORAGE[v.dtype])} to i64")
-        operands.append((base, rs, cs))
-    for base, rs, cs in [*operands, (c, "%ldc", "1")]:
+        return w.value(f"ptrtoint ptr {w.gep(ptr, start, STORAGE[dtype])} to i64"), rs, cs
+
+    operands = [(c, "%ldc", "1")] + [passed(k, v.dtype) for k, v in enumerate(reads)]
+    outputs = [(c, "%ldc", "1")] + [passed(len(reads) + k, DType.f32)
+                                    for k in range(extra_results)]
+    for base, rs, cs in [*operands, *outputs]:
         words += [base, *(["0"] * (r - 1)), rs, cs]
     for i, word in enumerate(words):
         w.store("i64", word, w.gep(block, str(i), "i64"), 8)
