@@ -526,3 +526,25 @@ def test_matmul_kernels_with_several_results(d, f):
     kernels = [st.op for st in ex.steps if st.op.name == "kernel.fused"]
     assert [(op.kind, len(op.result_values)) for op in kernels] == \
         [("matmul", 3), ("matmul", 2), ("matmul", 2)], kernels
+
+
+GROUPED_MULTI = """
+func @main(%x: f32[M,{d}], %w: f32[3,{d},{f}], %off: i64[4]) -> (f32[M,{f}], f32[M,{f}]) {{
+  %0 = moe.grouped_matmul %x, %w, %off : f32[M,{f}]
+  %1 = tensor.silu %0 : f32[M,{f}]
+  func.return %0, %1
+}}
+"""
+
+
+@pytest.mark.parametrize("d,f", [(1, 1), (13, 7), (40, 129)])
+def test_grouped_matmul_kernel_with_two_results(d, f):
+    """The expert GEMM's raw result and its SiLU from one grouped kernel; experts may be empty."""
+    def make(rng, sizes):
+        m = sizes["M"]
+        cuts = np.sort(rng.integers(0, m + 1, 2))
+        return [_f32(rng, m, d), _f32(rng, 3, d, f), np.array([0, *cuts, m], np.int64)]
+    ex = _check_run(GROUPED_MULTI.format(d=d, f=f), [{"M": 6}, {"M": 131}], make, rtol=1e-4,
+                    atol=1e-5)
+    kernels = [st.op for st in ex.steps if st.op.name == "kernel.fused"]
+    assert [(op.kind, len(op.result_values)) for op in kernels] == [("grouped_matmul", 2)]

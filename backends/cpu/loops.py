@@ -720,6 +720,7 @@ def _tile_wrapper(name: str, plan: Plan, reads: list[Value], extra_results: int,
     block = w.slot(f"[{n_words} x i64]", hint="words")
     words = ["1"] * (r - 1) + ["%mr", "%nr"]
     c = w.value("ptrtoint ptr %c to i64")
+
     def passed(k: int, dtype: DType) -> tuple[str, str, str]:
         """The k-th (pointer, row stride, column stride) of `args`, moved to the tile."""
         ptr, rs, cs = (w.load("ptr" if f == 0 else "i64", w.gep("%args", str(3 * k + f), "i64"),
