@@ -104,6 +104,33 @@ def test_memory_plan_reuses_buffers():
     assert 0 < peak["arena_bytes"] < peak["without_reuse_bytes"]
 
 
+class _Viewed(torch.nn.Module):
+    """A kernel's result read through a permute (a view kept per layout), a reshape of that
+    permute (a copy: its strides cannot express it) and a plain reshape (a view)."""
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = torch.tanh(x).reshape(b, t, 4, d // 4).permute(0, 2, 1, 3)
+        return (y * 2.0).sum(-1), y.reshape(b, 4, t * d // 4).exp(), y.sum(1).reshape(b, -1)
+
+
+def test_views_of_arena_buffers_are_kept_per_layout_and_copies_are_not():
+    model = _Viewed()
+    T = torch.export.Dim("T", max=64)
+    cm = lmc.compile(model, (torch.randn(2, 8, 16),), dynamic_shapes=({1: T},), target="cpu",
+                     options=lmc.CompileOptions(cache_dir="off"))
+    ex = cm.executable
+    assert ex._arena_views  # the permute and reshapes of the tanh kernel's buffer
+    for t in (8, 37, 8, 37):  # each size twice: the second call reuses what the first kept
+        _compare(cm, model, (torch.randn(2, t, 16),))
+    x = torch.randn(2, 37, 16).numpy()
+    layout = ex.plan.layout(ex._env([x]))
+    kept = [s for s in ex._arena_views if s in layout._views]
+    copied = [s for s in ex._arena_views if s not in layout._views]
+    assert kept and copied  # the permute is kept, the reshape of it (a copy) is not
+    assert all(np.may_share_memory(layout._views[s], layout.arena) for s in kept)
+
+
 class _Joined(torch.nn.Module):
     """A concat of: a kernel's result; heads computed by a kernel and merged (permute +
     reshape); the input itself; a kernel's [B, T·d] result split back into [B, T, d] (in a

@@ -78,6 +78,17 @@ class Layout:
         self._views[buf.slot] = view
         return view
 
+    def derived(self, slot: int, make, base: np.ndarray) -> np.ndarray:
+        """The view `make()` of arena array `base` for result `slot`, made once per layout;
+        a result that is a copy (a reshape the strides cannot express) is made every call."""
+        found = self._views.get(slot)
+        if found is not None:
+            return found
+        view = make()
+        if np.may_share_memory(view, base):
+            self._views[slot] = view
+        return view
+
 
 def _arrange(raw: np.ndarray, buf: Buffer, env: dict[str, int]) -> np.ndarray:
     """The buffer's array over bytes `raw` (as long as it needs or longer), or, when `raw` has
