@@ -548,3 +548,21 @@ def test_grouped_matmul_kernel_with_two_results(d, f):
                     atol=1e-5)
     kernels = [st.op for st in ex.steps if st.op.name == "kernel.fused"]
     assert [(op.kind, len(op.result_values)) for op in kernels] == [("grouped_matmul", 2)]
+
+
+UNIT_BATCH = """
+func @main(%x: f32[1,T,{c}], %g: f32[{c}]) -> (f32[1,T,1], f32[1,T,{c}], f32[{c}]) {{
+  %m = tensor.mean %x {{axes = [2], keepdim = true}} : f32[1,T,1]
+  %d = tensor.sub %x, %m : f32[1,T,{c}]
+  %y = tensor.mul %d, %g : f32[1,T,{c}]
+  %s = tensor.sum %y {{axes = [0, 1]}} : f32[{c}]
+  func.return %m, %y, %s
+}}
+"""
+
+
+@pytest.mark.parametrize("c", [3, 16, 37])
+def test_a_unit_batch_dim_read_by_a_reduction_and_broadcast(c):
+    """x [1, T, C] is read by the row mean (along the size-1 batch axis) and by x − mean (where
+    the size-1 dim broadcasts): one kernel, not an error (a batch of one in LayerNorm)."""
+    _check_run(UNIT_BATCH.format(c=c), [{"T": 1}, {"T": 5}, {"T": 33}])

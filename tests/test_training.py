@@ -102,6 +102,20 @@ def test_a_step_writes_into_the_weights_of_the_step_before_last():
     assert np.array_equal(mine, kept)
 
 
+def test_a_batch_of_one_trains_on_the_cpu():
+    """Size-1 batch dims meet broadcasts in the LayerNorm kernels of the step (they used to be
+    refused as 'broadcast along two different axis sets')."""
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=V, d=16, layers=2, heads=4, max_seq=16)
+    eager = copy.deepcopy(model)
+    data = batches(4, b=1)
+    trainer = lmc.compile_training(model, data[0], loss_fn=lm_loss, target="cpu",
+                                   optimizer=lmc.optim.AdamW(lr=1e-2))
+    mine = [trainer.step(*b) for b in data]
+    theirs = eager_losses(eager, data, lm_loss, torch.optim.AdamW(eager.parameters(), lr=1e-2))
+    assert_losses_match(mine, theirs)
+
+
 def test_schedule_and_clipping_are_fed_per_step():
     torch.manual_seed(0)
     model = TinyGPT(vocab=V, d=16, layers=1, heads=2, max_seq=16)

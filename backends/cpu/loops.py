@@ -317,7 +317,10 @@ def axis_maps(term: Op, ops: list[Op], result_map, reduced, kind: str,
     amap: dict[Value, tuple] = {}
 
     def assign(v: Value, m: tuple, op: Op) -> None:
-        if amap.setdefault(v, m) != m:
+        old = amap.setdefault(v, m)
+        # A size-1 dim read as broadcast by one user and along a size-1 kernel axis by another
+        # (a batch of 1 in LayerNorm's mean and in x − mean) is the same element either way.
+        if old != m and not all(a == b or d == 1 for d, a, b in zip(v.shape, old, m)):
             raise EmitError(op, f"operand {v.type} is broadcast along two different axis "
                                 "sets in one kernel")
         if check is not None:
