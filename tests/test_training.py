@@ -194,13 +194,14 @@ class MoELM(torch.nn.Module):
         return F.cross_entropy(logits, y.reshape(-1)) + 0.01 * aux
 
 
-def test_moe_trains_with_its_auxiliary_loss():
+@pytest.mark.parametrize("target", ["ref", "cpu"])
+def test_moe_trains_with_its_auxiliary_loss(target):
     torch.manual_seed(0)
     model = MoELM()
     eager = copy.deepcopy(model)
     data = batches(8)
     trainer = lmc.compile_training(model, data[0], optimizer=lmc.optim.AdamW(lr=1e-2),
-                                   target="ref")
+                                   target=target)
     assert "moe.grouped_weight_grad" in trainer.module.op_counts()
     mine = [trainer.step(*b) for b in data]
     theirs = eager_losses(eager, data, None, torch.optim.AdamW(eager.parameters(), lr=1e-2))
