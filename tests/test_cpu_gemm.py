@@ -153,7 +153,7 @@ def test_partition_balances_whole_tiles():
     """512 columns are 10.7 panels of 48: split by N, one thread would run 6 panels and the
     other 5; split by M (64 row panels of 8) both run the same number of whole tiles."""
     cfg = GemmConfig(vl=16, mr=8, nv=3, kc=384, mc=96, nc=4032)
-    assert cpu_threads.partition(512, 512, 512, cfg, 2) == [(0, 256, 0, 512), (256, 512, 0, 512)]
+    assert cpu_threads.partition(512, 512, 512, cfg, 2) == ((0, 256, 0, 512), (256, 512, 0, 512))
     # A wide, shallow GEMM still splits N when only that keeps A's packing single per thread...
     wide = cpu_threads.partition(48, 4800, 256, cfg, 2)
     assert [(m0, m1) for m0, m1, *_ in wide] == [(0, 48)] * 2

@@ -390,7 +390,7 @@ class GemmLauncher:
         n = w.n if not isinstance(w, np.ndarray) else w.shape[1]
         out = np.empty(x.shape[:-1] + (n,), np.float32) if out is None else out
         flat = out.reshape(-1, n)
-        if not np.shares_memory(flat, out):  # a reshape that copied would lose the result
+        if not np.may_share_memory(flat, out):  # a reshape that copied would lose the result
             raise ValueError("the matmul output must be contiguous")
         low_rank = self._low_rank(vals) if g is self.split.anchor else None
         sgemm(x.reshape(-1, x.shape[-1]), w, out=flat, alpha=alpha, tile_epilogue=tile,
@@ -435,6 +435,11 @@ def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple,
     words, keep = [fn], []
     n = shape[-1]
     for x in operands:
+        if x.flags.c_contiguous and (x.shape == shape or x.shape == (n,) or x.size == 1):
+            # the common operands (a residual, a bias, a scalar) without a broadcast view:
+            # this runs per GEMM call, ~3 us each
+            words += [x.ctypes.data, n if x.shape == shape else 0, int(x.size > 1)]
+            continue
         view = np.broadcast_to(x, shape).reshape(-1, n)  # a view whenever strides allow
         if any(s % view.itemsize for s in view.strides):
             view = np.ascontiguousarray(view)
@@ -443,7 +448,7 @@ def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple,
                   view.strides[1] // view.itemsize]
     for y in outputs:
         view = y.reshape(-1, n)
-        if not np.shares_memory(view, y):  # a reshape that copied would lose the result
+        if not np.may_share_memory(view, y):  # a reshape that copied would lose the result
             raise ValueError("a matmul epilogue output must be a [M, N] view of its buffer")
         words += [view.ctypes.data, view.strides[0] // view.itemsize,
                   view.strides[1] // view.itemsize]

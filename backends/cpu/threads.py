@@ -57,7 +57,7 @@ def _thread_buffers(cfg: GemmConfig) -> tuple[tuple[np.ndarray, np.ndarray], tup
 
 
 def partition(m: int, n: int, k: int, cfg: GemmConfig, threads: int,
-              b_packed: bool = False) -> list[tuple[int, ...]]:
+              b_packed: bool = False) -> tuple[tuple[int, ...], ...]:
     """Blocks (m0, m1, n0, n1) of C, one per thread, as many threads as the work pays for."""
     return split_block(m, n, k, cfg, _useful_threads(m * n * k, cfg, threads), b_packed)
 
@@ -78,16 +78,17 @@ def _tile_bounds(size: int, step: int, parts: int) -> list[int]:
     return [min(size, (tiles * t // parts) * step) for t in range(parts + 1)]
 
 
+@functools.lru_cache(maxsize=4096)  # a model's GEMMs have a few shapes; a call costs ~10 us
 def split_block(m: int, n: int, k: int, cfg: GemmConfig, threads: int,
-                b_packed: bool = False) -> list[tuple[int, ...]]:
+                b_packed: bool = False) -> tuple[tuple[int, ...], ...]:
     """C split into <= `threads` blocks (m0, m1, n0, n1) on tile boundaries: of the grids
     tm x tn <= threads, the one whose slowest block costs least. A block computes whole MR x NR
     tiles (a partial tile costs a full one: 512 columns are 10.7 panels of 48, split 5 / 6), and
     packs its rows of A and its columns of B (none when B is prepacked); splitting N duplicates
     the packing of A in every block, splitting M that of B."""
-    def blocks(rows: list[int], cols: list[int]) -> list[tuple[int, ...]]:
-        return [(r0, r1, c0, c1) for (r0, r1), (c0, c1) in product(pairwise(rows),
-                                                                    pairwise(cols))]
+    def blocks(rows: list[int], cols: list[int]) -> tuple[tuple[int, ...], ...]:
+        return tuple((r0, r1, c0, c1) for (r0, r1), (c0, c1) in product(pairwise(rows),
+                                                                         pairwise(cols)))
 
     def cost(block: tuple[int, ...]) -> int:
         r, c = block[1] - block[0], block[3] - block[2]
