@@ -10,7 +10,7 @@ from test_end_to_end import _flat
 from test_hf_models import SMALL, VOCAB, BertHidden, LogitsOnly, _ids
 
 import lmc
-from lmc.zoo import demo_models
+from lmc.zoo import TinyGPT, demo_models
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -129,6 +129,32 @@ def test_views_of_arena_buffers_are_kept_per_layout_and_copies_are_not():
     copied = [s for s in ex._arena_views if s not in layout._views]
     assert kept and copied  # the permute is kept, the reshape of it (a copy) is not
     assert all(np.may_share_memory(layout._views[s], layout.arena) for s in kept)
+
+
+def test_gemm_launches_are_replayed_for_the_same_arrays():
+    """A GEMM called with the same arrays again (arena views, weights) replays its prepared
+    launch; the results follow the arrays' current contents, at every size, and a launcher
+    given fresh arrays each call (the user's input) builds its launch anew each time."""
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=64, d=32, layers=2, heads=4, max_seq=32).eval()
+    T = torch.export.Dim("T", max=31)
+    cm = lmc.compile(model, (torch.randint(0, 64, (2, 8)),), dynamic_shapes=({1: T},),
+                     target="cpu", options=lmc.CompileOptions(cache_dir="off"))
+    ex = cm.executable
+    steps = [st for st in ex.steps if type(st.fn).__name__ == "GemmLauncher"]
+    assert steps and all(st.fn.replayable for st in steps)
+    x = torch.randint(0, 64, (2, 8))
+    for t in (8, 8, 8, 13, 13, 13, 8, 13):
+        if t == x.shape[1]:
+            x.copy_(torch.randint(0, 64, x.shape))  # the same tensor, new contents
+        else:
+            x = torch.randint(0, 64, (2, t))
+        _compare(cm, model, (x,))
+    # Every GEMM reads arena buffers and weights here; the head writes the function's result,
+    # a fresh array per call, so only it never sees the same arrays twice.
+    fresh = [st for st in steps if set(st.outs) & set(ex.output_slots)]
+    assert len(fresh) == 1 and not fresh[0].fn._replays
+    assert all(st.fn._replays for st in steps if st not in fresh)
 
 
 class _Joined(torch.nn.Module):

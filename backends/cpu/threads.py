@@ -8,6 +8,7 @@ tasks (`NativeTask`), so the threads really run in parallel.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from dataclasses import dataclass, field
@@ -171,31 +172,64 @@ def _elements(strides: tuple[int, ...]) -> tuple[int, ...]:
 def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alpha: float,
            beta: float, epi_args: int, low_rank: tuple[int, int, float] = (0, 0, 0.0)) -> None:
     """Run each thread's job records with one native call, the first list in this thread.
-    `low_rank`: (packed side columns' address, rank, up_alpha) of a LoRA branch, or zeros."""
-    def work(records: list[list[int]]) -> None:
-        jobs = np.array(records, np.int64)
-        _, (apack, bpack) = _thread_buffers(kernel.config)
-        kernel.run_jobs(len(records), jobs.ctypes.data, layout.a_strides, layout.b_strides,
-                        layout.ldc, alpha, beta, apack, bpack, layout.b_packed, epi_args,
-                        low_rank)
+    `low_rank`: (packed side columns' address, rank, up_alpha) of a LoRA branch, or zeros.
+    Inside `recording()`, the prepared call is also handed to the recorder (for replay)."""
+    run = _Launch(kernel, layout, [records for records in plan if len(records)], alpha, beta,
+                  epi_args, low_rank)
+    calls = getattr(_local, "recorded", None)
+    if calls is not None:
+        calls.append(run)
+    run()
 
-    def task(records: list[list[int]]) -> NativeTask:
-        """The same, for a worker to run natively (no Python, no GIL between the jobs)."""
-        jobs = np.array(records, np.int64)
-        side, rank, up_alpha = low_rank
-        args = np.array([len(records), jobs.ctypes.data, *layout.a_strides, *layout.b_strides,
-                         layout.ldc, 0, 0, int(layout.b_packed), epi_args, side, rank, 0],
+
+class _Launch:
+    """One GEMM launch with its job records built: calling it runs them again, the same jobs
+    over the same addresses (a launcher replays it while its operands are the same arrays)."""
+
+    def __init__(self, kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]],
+                 alpha: float, beta: float, epi_args: int, low_rank: tuple[int, int, float]):
+        self.kernel, self.layout = kernel, layout
+        self.alpha, self.beta, self.epi_args, self.low_rank = alpha, beta, epi_args, low_rank
+        self.jobs = [np.array(records, np.int64) for records in plan]
+        self.tasks = [self._task(jobs) for jobs in self.jobs[1:]]
+
+    def __call__(self) -> None:
+        if not self.jobs:
+            return
+        if not self.tasks:
+            self._work()
+            return
+        pool().run([self._work, *self.tasks])
+
+    def _work(self) -> None:
+        """The first job list, in this thread, with this thread's pack buffers."""
+        jobs, layout = self.jobs[0], self.layout
+        _, (apack, bpack) = _thread_buffers(self.kernel.config)
+        self.kernel.run_jobs(len(jobs), jobs.ctypes.data, layout.a_strides, layout.b_strides,
+                             layout.ldc, self.alpha, self.beta, apack, bpack, layout.b_packed,
+                             self.epi_args, self.low_rank)
+
+    def _task(self, jobs: np.ndarray) -> NativeTask:
+        """A job list for a worker to run natively (no Python, no GIL between the jobs)."""
+        layout, (side, rank, up_alpha) = self.layout, self.low_rank
+        args = np.array([len(jobs), jobs.ctypes.data, *layout.a_strides, *layout.b_strides,
+                         layout.ldc, 0, 0, int(layout.b_packed), self.epi_args, side, rank, 0],
                         np.int64)
-        for f, value in (("alpha", alpha), ("beta", beta), ("up_alpha", up_alpha)):
+        for f, value in (("alpha", self.alpha), ("beta", self.beta), ("up_alpha", up_alpha)):
             args[TASK_FIELDS.index(f):TASK_FIELDS.index(f) + 1].view(np.float64)[:] = value
-        return NativeTask(kernel.task_address, args.ctypes.data,
-                          task_scratch_bytes(kernel.config), (jobs, args))
+        return NativeTask(self.kernel.task_address, args.ctypes.data,
+                          task_scratch_bytes(self.kernel.config), (jobs, args))
 
-    plan = [records for records in plan if len(records)]
-    if len(plan) == 1:
-        work(plan[0])
-    elif plan:
-        pool().run([lambda: work(plan[0])] + [task(records) for records in plan[1:]])
+
+@contextlib.contextmanager
+def recording():
+    """Collect the GEMM launches made inside (this thread) into the yielded list."""
+    outer = getattr(_local, "recorded", None)
+    calls = _local.recorded = []
+    try:
+        yield calls
+    finally:
+        _local.recorded = outer
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
