@@ -210,18 +210,29 @@ def _mse(y, t):
 
 
 def test_bf16_moe_train_step_matches_reference():
+    """One bf16 train step of an MoE layer, cpu against the interpreter: the loss and every
+    updated weight. One step only: both start from the same weights, while after an update
+    bf16 rounding may tip a token whose top-2 experts are nearly tied to another expert on
+    one side only (seed 1866762090 did at step 2), and the losses then differ by a few %."""
     seed = _seeded()
     model = MoE(d=32, f=48).to(torch.bfloat16)
     with torch.no_grad():
         model.gate.weight.mul_(8.0)
     batch = (torch.randn(11, 32).to(torch.bfloat16), torch.randn(11, 32).to(torch.bfloat16))
-    losses = {}
+    losses, weights = {}, {}
     for target in ("ref", "cpu"):
         trainer = lmc.compile_training(copy.deepcopy(model), batch, loss_fn=_mse,
                                        optimizer=lmc.optim.SGD(lr=0.5), target=target)
-        losses[target] = [trainer.step(*batch) for _ in range(3)]
+        losses[target] = trainer.step(*batch)
+        weights[target] = trainer.state_dict()
         if target == "cpu":
             fallback = trainer.executable.report()["fallback"]
             assert not [f for f in fallback if f.startswith(HEAVY)], fallback
-            assert trainer.state_dict()["w1"].dtype == torch.bfloat16
+            assert weights["cpu"]["w1"].dtype == torch.bfloat16
     np.testing.assert_allclose(losses["cpu"], losses["ref"], rtol=2e-2, err_msg=f"seed {seed}")
+    start = model.state_dict()
+    for name, want in weights["ref"].items():
+        step = (want.float() - start[name].float()).abs().max().item()
+        err = (weights["cpu"][name].float() - want.float()).abs().max().item()
+        assert step > 0 and err <= 0.1 * step + 1e-2 * want.float().abs().max().item(), \
+            f"{name}: update differs by {err:.3g} (update {step:.3g}), seed {seed}"
