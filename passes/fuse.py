@@ -234,19 +234,22 @@ class _Fuser:
         The tile epilogue computes them while the tile is in registers and stores each value
         used outside the kernel; separately, each would be a pass over [M, N] in memory."""
         changed = False
+        for v, user in self._users_outside(group):
+            why = self._epilogue_misfit(user, v, group) or self.try_join(gid, user, group)
+            if why is None:
+                changed = True
+            elif user.name in ELEMENTWISE:
+                self.reject(user, group, why)
+        return changed
+
+    def _users_outside(self, group: Group):
+        """(value, user) for each user outside the group (a function result aside) of a value
+        the group's ops computed when the walk started (users that join meanwhile skipped)."""
         for member in list(group.ops):
             for v in member.result_values:
                 for user in v.users:
-                    if user in group.ops or user.name == "func.return":
-                        continue
-                    why = self._epilogue_misfit(user, v, group)
-                    if why is None:
-                        why = self.try_join(gid, user, group)
-                    if why is None:
-                        changed = True
-                    elif user.name in ELEMENTWISE:
-                        self.reject(user, group, why)
-        return changed
+                    if user not in group.ops and user.name != "func.return":
+                        yield v, user
 
     def _epilogue_misfit(self, user: Op, cur: Value, group: Group) -> str | None:
         if user.name == "func.return":
@@ -285,6 +288,8 @@ class _Fuser:
             return False
         return all(self.try_join(gid, c, group) is None for c in reversed(chain))
 
+    # -- 2. reductions and 3. elementwise groups -----------------------------------------------
+
     def grow_rows(self, op: Op, kind: str) -> None:
         """A reduction (or elementwise op) with its producers and consumers over one domain."""
         if kind == "reduction":
@@ -317,18 +322,14 @@ class _Fuser:
 
     def _grow_consumers(self, gid: int, group: Group) -> bool:
         changed = False
-        for member in list(group.ops):
-            for v in member.result_values:
-                for u in v.users:
-                    if u.name == "func.return" or not self.free(u):
-                        continue
-                    why = self._consumer_misfit(u, group)
-                    if why is None:
-                        why = self.try_join(gid, u, group)
-                    if why is None:
-                        changed = True
-                    elif u.name in ELEMENTWISE or u.name in ROW_OPS:
-                        self.reject(u, group, why)
+        for _, u in self._users_outside(group):
+            if not self.free(u):
+                continue
+            why = self._consumer_misfit(u, group) or self.try_join(gid, u, group)
+            if why is None:
+                changed = True
+            elif u.name in ELEMENTWISE or u.name in ROW_OPS:
+                self.reject(u, group, why)
         return changed
 
     def _consumer_misfit(self, u: Op, group: Group) -> str | None:
