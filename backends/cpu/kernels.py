@@ -307,6 +307,7 @@ class GemmLauncher:
         if self.kernel is None:
             return
         value = self.op.body.args[arg]
+        self._replays.clear()  # their records point into the panels packed before
         if value is self.split.anchor.operand_values[1]:
             self.packed = prepack_b(weight, kernel=self.kernel)
         if value in self.branch_weights:
@@ -360,28 +361,32 @@ class GemmLauncher:
         return self.modules
 
     def __call__(self, ins, outs, env) -> None:
-        """Run the kernel. A plain 2-D GEMM called again with the same arrays (the runtime's
-        arena views, the weights) replays its prepared launch: the Python that builds the job
-        records costs ~30-70 us per call, a step of the tiny GPT's train step makes 50 such."""
+        """Run the kernel. A plain 2-D GEMM called again on the same memory (the runtime's
+        arena views, the weights, an input or output at the address it had last call) replays
+        its prepared launch: the Python that builds the job records costs ~30-70 us per call,
+        a step of the tiny GPT's train step makes 50 such."""
         if not self.replayable:
             self._run(ins, outs, env, [])
             return
-        key = (*map(id, ins), *map(id, outs))
+        # The records hold addresses, strides and sizes only: arrays with the same ones give
+        # the same records, whichever objects they are (torch's .numpy() makes a new one per
+        # call). Nothing of the caller's is held, so no memory is pinned between calls.
+        key = tuple(_where(x) for x in (*ins, *outs))
         found = self._replays.pop(key, None)
-        if found is not None:  # the same arrays (the entry holds them: no id was reused)
-            found[0]()
-        elif key not in self._seen or outs[0].strides[-1] != outs[0].itemsize:
-            # first sight (arrays made per call never come back), or an output the GEMM
-            # computes in a copy (its launch alone would not write the output)
+        if found is None and (key not in self._seen or outs[0].strides[-1] != outs[0].itemsize):
+            # first sight (arrays made per call rarely come back at the same address), or an
+            # output the GEMM computes in a copy (its launch alone would not write the output)
             self._seen = {key, *list(self._seen)[:REPLAYS - 1]}
             self._run(ins, outs, env, [])
             return
+        if found is not None:
+            found[0]()
         else:
             from .threads import recording
-            held: list = [ins, outs]  # the arrays the launch points into, kept alive
+            held: list = []  # what the launch points into that is its own (epilogue words)
             with recording() as calls:
                 self._run(ins, outs, env, held)
-            if len(calls) != 1:
+            if len(calls) != 1 or calls[0] is None:  # several launches, or a copied operand
                 return
             found = (calls[0], held)
             if len(self._replays) >= REPLAYS:
@@ -409,17 +414,18 @@ class GemmLauncher:
         out = outs[0]
         extra = [vals[v] for v in self.split.inputs]
         if self.tile is not None:
-            args, keep = _epilogue_args(self.epi_fn, [extra[i] for i in self.tile_operands],
-                                        out.shape, outs[1:])
+            # `_views` (operand views or copies) must live until the GEMM has read them
+            args, _views = _epilogue_args(self.epi_fn, [extra[i] for i in self.tile_operands],
+                                          out.shape, outs[1:])
             self._gemm(self.split.anchor, vals, out, args.ctypes.data)
-            held += [args, keep]  # the operand views had to outlive the GEMM call
+            held.append(args)
         else:
             self._gemm(self.split.anchor, vals, out, 0, self.alpha)
             if self.in_place is not None:
                 self.in_place.run([out, *extra], outs, threads=self.threads, env=env)
 
     def _gemm(self, g: Op, vals, out, epi_args: int, alpha: float = 1.0):
-        from .threads import batched_sgemm, grouped_sgemm, sgemm
+        from .threads import batched_sgemm, grouped_sgemm, note_copy, sgemm
         x, w = vals[g.operand_values[0]], vals[g.operand_values[1]]
         if g is self.split.anchor and self.packed is not None:
             w = self.packed
@@ -436,7 +442,10 @@ class GemmLauncher:
         if not np.may_share_memory(flat, out):  # a reshape that copied would lose the result
             raise ValueError("the matmul output must be contiguous")
         low_rank = self._low_rank(vals) if g is self.split.anchor else None
-        sgemm(x.reshape(-1, x.shape[-1]), w, out=flat, alpha=alpha, tile_epilogue=tile,
+        rows = x.reshape(-1, x.shape[-1])
+        if not np.may_share_memory(rows, x):
+            note_copy()
+        sgemm(rows, w, out=flat, alpha=alpha, tile_epilogue=tile,
               epi_args=epi_args, low_rank=low_rank, **opts)
         return out
 
@@ -470,6 +479,11 @@ def _leading_scale(anchor: Op, epilogue: list[Op]) -> _Scale | None:
     return None if c is None else _Scale(mul, (float(c), mul.result))
 
 
+def _where(x: np.ndarray) -> tuple:
+    """What a prepared GEMM launch depends on of one operand: its address and layout."""
+    return x.ctypes.data, x.shape, x.strides, x.dtype.char
+
+
 def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple,
                    outputs: list[np.ndarray] = ()) -> tuple[np.ndarray, list]:
     """The epilogue's address, then (pointer, row stride, col stride) per operand, then per
@@ -485,7 +499,9 @@ def _epilogue_args(fn: int, operands: list[np.ndarray], shape: tuple,
             continue
         view = np.broadcast_to(x, shape).reshape(-1, n)  # a view whenever strides allow
         if any(s % view.itemsize for s in view.strides):
+            from .threads import note_copy
             view = np.ascontiguousarray(view)
+            note_copy()
         keep.append(view)
         words += [view.ctypes.data, view.strides[0] // view.itemsize,
                   view.strides[1] // view.itemsize]

@@ -232,11 +232,20 @@ def recording():
         _local.recorded = outer
 
 
+def note_copy() -> None:
+    """An operand of the launch being prepared was copied: a replay of it would read the copy's
+    old values, so the recorder is told (a None among its launches) not to keep it."""
+    calls = getattr(_local, "recorded", None)
+    if calls is not None:
+        calls.append(None)
+
+
 def _as_f32(x: np.ndarray) -> np.ndarray:
     """Float32 with element-multiple strides (the kernel takes strides in elements)."""
     x = np.asarray(x)
     if x.dtype != np.float32 or any(s % F32 for s in x.strides):
         x = np.ascontiguousarray(x, dtype=np.float32)
+        note_copy()
     return x
 
 
@@ -262,6 +271,7 @@ def _unit_columns(out: np.ndarray) -> bool:
 def _via_contiguous(out: np.ndarray, beta: float, run) -> np.ndarray:
     """An output with non-unit column stride: `run` computes into a contiguous temporary."""
     tmp = np.ascontiguousarray(out) if beta != 0.0 else np.empty(out.shape, np.float32)
+    note_copy()
     run(tmp)
     out[...] = tmp
     return out
