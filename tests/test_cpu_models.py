@@ -10,7 +10,7 @@ from test_end_to_end import _flat
 from test_hf_models import SMALL, VOCAB, BertHidden, LogitsOnly, _ids
 
 import lmc
-from lmc.zoo import TinyGPT, demo_models
+from lmc.zoo import LoRALinear, TinyGPT, demo_models
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -173,6 +173,52 @@ def test_gemm_replays_follow_addresses_not_array_objects(layout):
         assert y is out
         np.testing.assert_allclose(y, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
     assert bool(gemm._replays) == (layout == "contiguous")
+
+
+def test_a_lora_gemm_replays_with_its_own_branch_buffers():
+    """The fused LoRA branch's T buffers belong to the launch, so a LoRA GEMM replays too, and
+    its results follow the input's contents (T is rewritten on every run)."""
+    torch.manual_seed(0)
+    model = LoRALinear(48, 40, 4, 8.0).eval()
+    x = torch.randn(37, 48)
+    cm = lmc.compile(model, (x,), target="cpu", options=lmc.CompileOptions(cache_dir="off"))
+    (gemm,) = [st.fn for st in cm.executable.steps if type(st.fn).__name__ == "GemmLauncher"]
+    assert gemm.split.low_rank is not None and gemm.replayable
+    out = np.empty((37, 40), np.float32)
+    for _ in range(4):
+        x.copy_(torch.randn(x.shape))
+        (y,) = cm.executable([x.numpy()], into=[out])
+        np.testing.assert_allclose(y, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert gemm._replays
+
+
+class _AdapterAsInput(torch.nn.Module):
+    """A LoRA linear whose adapter comes with each call (hot-swapped adapters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = torch.nn.Linear(48, 40)
+
+    def forward(self, x, a, b):
+        return self.base(x) + (x @ a.t()) @ b.t() * 2.0
+
+
+def test_a_lora_gemm_with_adapters_given_per_call_follows_them():
+    """Adapter weights that are inputs are packed per call: a replay would read the panels
+    packed for an earlier call, so such a launch is not replayed."""
+    torch.manual_seed(0)
+    model = _AdapterAsInput().eval()
+    args = (torch.randn(37, 48), torch.randn(4, 48), torch.randn(40, 4))
+    cm = lmc.compile(model, args, target="cpu", options=lmc.CompileOptions(cache_dir="off"))
+    (gemm,) = [st.fn for st in cm.executable.steps if type(st.fn).__name__ == "GemmLauncher"]
+    assert gemm.split.low_rank is not None
+    out = np.empty((37, 40), np.float32)
+    for _ in range(4):
+        for t in args:
+            t.copy_(torch.randn(t.shape))
+        (y,) = cm.executable([t.numpy() for t in args], into=[out])
+        np.testing.assert_allclose(y, model(*args).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert not gemm._replays
 
 
 class _Joined(torch.nn.Module):

@@ -396,11 +396,11 @@ class GemmLauncher:
     @property
     def replayable(self) -> bool:
         """A 2-D tensor.matmul GEMM whose launch depends on its arrays' addresses and shapes
-        only: not a grouped matmul (its jobs follow the routing), no LoRA branch (per-call
-        buffers), not a batched GEMM (its epilogue runs as a second kernel)."""
-        s = self.split
+        only: not a grouped matmul (its jobs follow the routing), no prologue GEMMs, not a
+        batched GEMM (its epilogue runs as a second kernel). A LoRA branch's T buffers belong
+        to the launch; its weights must be prepacked (`_low_rank` says so when not)."""
         return self.anchor_name == "tensor.matmul" and self.kernel is not None and \
-            not s.prologue and s.low_rank is None
+            not self.split.prologue
 
     def _run(self, ins, outs, env, held: list) -> None:
         vals = dict(zip(self.op.body.args, ins))
@@ -452,10 +452,12 @@ class GemmLauncher:
     def _low_rank(self, vals):
         """The branch's weights packed for the GEMM (once, if constant; else per call: they
         are rank-r thin, so packing costs little next to the GEMM)."""
-        from .threads import LowRank, prepack_b
+        from .threads import LowRank, note_copy, prepack_b
         lr = self.split.low_rank
         if lr is None:
             return None
+        if any(v not in self.branch_packed for v in self.branch_weights):
+            note_copy()  # a replay would read this call's packed copy of the weights
         down, up = (self.branch_packed.get(v) or prepack_b(vals[v], kernel=self.kernel)
                     for v in self.branch_weights)
         return LowRank(down, up, lr.scale)

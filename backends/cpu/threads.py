@@ -170,12 +170,14 @@ def _elements(strides: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alpha: float,
-           beta: float, epi_args: int, low_rank: tuple[int, int, float] = (0, 0, 0.0)) -> None:
+           beta: float, epi_args: int, low_rank: tuple[int, int, float] = (0, 0, 0.0),
+           keep: tuple = ()) -> None:
     """Run each thread's job records with one native call, the first list in this thread.
     `low_rank`: (packed side columns' address, rank, up_alpha) of a LoRA branch, or zeros.
+    `keep`: buffers of this launch's own that the records point into (a LoRA branch's T).
     Inside `recording()`, the prepared call is also handed to the recorder (for replay)."""
     run = _Launch(kernel, layout, [records for records in plan if len(records)], alpha, beta,
-                  epi_args, low_rank)
+                  epi_args, low_rank, keep)
     calls = getattr(_local, "recorded", None)
     if calls is not None:
         calls.append(run)
@@ -187,8 +189,9 @@ class _Launch:
     over the same addresses (a launcher replays it while its operands are the same arrays)."""
 
     def __init__(self, kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]],
-                 alpha: float, beta: float, epi_args: int, low_rank: tuple[int, int, float]):
-        self.kernel, self.layout = kernel, layout
+                 alpha: float, beta: float, epi_args: int, low_rank: tuple[int, int, float],
+                 keep: tuple = ()):
+        self.kernel, self.layout, self.keep = kernel, layout, keep
         self.alpha, self.beta, self.epi_args, self.low_rank = alpha, beta, epi_args, low_rank
         self.jobs = [np.array(records, np.int64) for records in plan]
         self.tasks = [self._task(jobs) for jobs in self.jobs[1:]]
@@ -326,8 +329,8 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
     branch = _low_rank_jobs(low_rank, blocks, (k, n), kernel, epilogue)
     plan = [[layout.job(block, k, ptrs, (row0, col0), pcols, job)]
             for block, job in zip(blocks, branch.jobs)]
-    launch(kernel, layout, plan, alpha, beta, _address(epi_args), branch.shared)
-    del branch  # its T buffers had to outlive the call
+    launch(kernel, layout, plan, alpha, beta, _address(epi_args), branch.shared,
+           tuple(branch.buffers))
     return out
 
 
