@@ -186,7 +186,8 @@ def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alp
 
 class _Launch:
     """One GEMM launch with its job records built: calling it runs them again, the same jobs
-    over the same addresses (a launcher replays it while its operands are the same arrays)."""
+    over the same addresses (a launcher replays it while its operands are at the same addresses
+    with the same layouts)."""
 
     def __init__(self, kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]],
                  alpha: float, beta: float, epi_args: int, low_rank: tuple[int, int, float],
