@@ -311,18 +311,24 @@ def _pack_edge(w: FunctionWriter, src: str, lane_stride: str, k_stride: str, lan
 
 def render_microkernel(cfg: GemmConfig, name: str, epilogue: tuple[EpilogueOp, ...]) -> str:
     """MR x NR tile: acc = Ap^T Bp over kc, then C = alpha*acc + (first ? beta : 1)*C, and on the
-    last K slice the register epilogues. `mr`/`nr` < MR/NR marks an edge tile."""
+    last K slice the register epilogues. `mr`/`nr` < MR/NR marks an edge tile. `pf`: memory
+    to start fetching into L2 meanwhile, one 64-byte line per unrolled step (`_panels`)."""
     cols = "".join(f", ptr %colop{i}" for i in range(_n_column_operands(epilogue)))
     w = FunctionWriter(
         f"internal void @{name}(i64 %kc, ptr noalias align {PTR_ALIGN} %ap, "
         f"ptr noalias align {PTR_ALIGN} %bp, ptr noalias %c, i64 %ldc, i64 %mr, i64 %nr, "
-        f"i1 %first, i1 %last, float %alpha, float %beta{cols})")
+        f"i1 %first, i1 %last, float %alpha, float %beta, ptr %pf{cols})")
     _prefetch_c(w, cfg)
     v = vec(cfg.vl)
     accs = [[w.slot(v, "zeroinitializer", f"acc{i}_{j}") for j in range(cfg.nv)]
             for i in range(cfg.mr)]
     main = w.op("and", "%kc", str(-cfg.unroll))
+    assert 16 % cfg.unroll == 0, cfg  # one 16-float line per unrolled step
     with w.loop("0", main, cfg.unroll, "k") as k:
+        # No `inbounds`: the line may lie past the packed panels; a prefetch never faults.
+        line = w.value(f"getelementptr float, ptr %pf, i64 {w.op('mul', k, str(16 // cfg.unroll))}",
+                       "p")
+        w.emit(f"call void @llvm.prefetch.p0(ptr {line}, i32 0, i32 2, i32 1)")
         for u in range(cfg.unroll):
             _rank1_update(w, cfg, accs, w.op("add", k, str(u)))
     with w.loop(main, "%kc", 1, "kt") as k:
@@ -506,7 +512,8 @@ def _low_rank_down(w: FunctionWriter, cfg: GemmConfig, names: dict[str, str], n_
             ap = w.gep("%apack", w.op("mul", ir, kc))
             w.emit(f"call void @{names['ukernel']}(i64 {kc}, ptr {ap}, "
                    f"ptr {bp}, ptr {t}, i64 {ldt}, i64 {mr}, i64 {nr}, i1 {first}, i1 false, "
-                   f"float {fconst(1.0)}, float {fconst(0.0)}" + ", ptr null" * n_cols + ")")
+                   f"float {fconst(1.0)}, float {fconst(0.0)}, ptr {bp}" + ", ptr null" * n_cols
+                   + ")")
 
 
 def _even_step(w: FunctionWriter, total: str, block: int, unit: int) -> str:
@@ -550,6 +557,13 @@ def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block
         nr = w.smin(str(cfg.nr), w.op("sub", nc, jr))
         col = w.op("add", jc, jr)
         bp = w.gep(bbase, w.op("mul", jr, pstride))
+        # While the MR panels of A run against this B panel (in L1 after the first), each call
+        # fetches its share of the next panel into L2 (kc / unroll lines of 16 floats), so
+        # that panel's first pass does not wait on DRAM: prepacked weights of a model come
+        # from memory (a MoE layer's grouped GEMMs ran ~20 % slower with their weights cold).
+        next_bp = w.value(f"getelementptr float, ptr {bp}, i64 "
+                          f"{w.op('mul', str(cfg.nr), pstride)}", "p")
+        share = w.op("mul", w.op("sdiv", kc, str(cfg.unroll)), "16")
         up = w.gep("%up", w.op("mul", col, "%rank"))
         col_args = "".join(f", ptr {w.gep(f'%colop{i}', col)}" for i in range(n_cols))
         with w.loop("0", mc, cfg.mr, "ir") as ir:
@@ -558,12 +572,14 @@ def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block
             row = w.op("add", ic, ir)
             c = w.gep("%C", w.op("add", w.op("mul", row, "%ldc"), col))
             tile = f"ptr {c}, i64 %ldc, i64 {mr}, i64 {nr}"
+            pf = w.value(f"getelementptr float, ptr {next_bp}, i64 "
+                         f"{w.op('mul', w.op('sdiv', ir, str(cfg.mr)), share)}", "p")
             w.emit(f"call void @{ukernel}(i64 {kc}, ptr {ap}, ptr {bp}, {tile}, i1 {first}, "
-                   f"i1 {last}, float %alpha, float %beta{col_args})")
+                   f"i1 {last}, float %alpha, float %beta, ptr {pf}{col_args})")
             with w.if_(lr_last, "rank.update"):
                 tp = w.gep(t_panels, w.op("mul", ir, "%rank"))
                 w.emit(f"call void @{ukernel}(i64 %rank, ptr {tp}, ptr {up}, {tile}, i1 false, "
-                       f"i1 false, float %up_alpha, float {fconst(1.0)}{col_args})")
+                       f"i1 false, float %up_alpha, float {fconst(1.0)}, ptr {up}{col_args})")
 
 
 JOBS_ARGS = ("i64 %njobs, ptr %jobs, i64 %rsa, i64 %csa, i64 %rsb, i64 %csb, i64 %ldc, "
