@@ -131,6 +131,11 @@ def test_views_of_arena_buffers_are_kept_per_layout_and_copies_are_not():
     assert all(np.may_share_memory(layout._views[s], layout.arena) for s in kept)
 
 
+def _gemm_steps(ex) -> list:
+    """The executable's steps that a GEMM launcher runs."""
+    return [st for st in ex.steps if type(st.fn).__name__ == "GemmLauncher"]
+
+
 def test_gemm_launches_are_replayed_for_the_same_arrays():
     """A GEMM called on the same memory again (arena views, weights) replays its prepared
     launch; the results follow the arrays' current contents, at every size."""
@@ -140,7 +145,7 @@ def test_gemm_launches_are_replayed_for_the_same_arrays():
     cm = lmc.compile(model, (torch.randint(0, 64, (2, 8)),), dynamic_shapes=({1: T},),
                      target="cpu", options=lmc.CompileOptions(cache_dir="off"))
     ex = cm.executable
-    steps = [st for st in ex.steps if type(st.fn).__name__ == "GemmLauncher"]
+    steps = _gemm_steps(ex)
     assert steps and all(st.fn.replayable for st in steps)
     x = torch.randint(0, 64, (2, 8))
     for t in (8, 8, 8, 13, 13, 13, 8, 13):
@@ -165,7 +170,7 @@ def test_gemm_replays_follow_addresses_not_array_objects(layout):
     x = torch.randn(5, 3, 24) if layout == "contiguous" else torch.randn(3, 5, 24).permute(1, 0, 2)
     cm = lmc.compile(model, (x,), target="cpu", options=lmc.CompileOptions(cache_dir="off"))
     ex = cm.executable
-    (gemm,) = [st.fn for st in ex.steps if type(st.fn).__name__ == "GemmLauncher"]
+    (gemm,) = [st.fn for st in _gemm_steps(ex)]
     out = np.empty((5, 3, 40), np.float32)
     for _ in range(4):
         x.copy_(torch.randn(x.shape))  # new contents in the same memory
@@ -182,7 +187,7 @@ def test_a_lora_gemm_replays_with_its_own_branch_buffers():
     model = LoRALinear(48, 40, 4, 8.0).eval()
     x = torch.randn(37, 48)
     cm = lmc.compile(model, (x,), target="cpu", options=lmc.CompileOptions(cache_dir="off"))
-    (gemm,) = [st.fn for st in cm.executable.steps if type(st.fn).__name__ == "GemmLauncher"]
+    (gemm,) = [st.fn for st in _gemm_steps(cm.executable)]
     assert gemm.split.low_rank is not None and gemm.replayable
     out = np.empty((37, 40), np.float32)
     for _ in range(4):
@@ -210,7 +215,7 @@ def test_a_lora_gemm_with_adapters_given_per_call_follows_them():
     model = _AdapterAsInput().eval()
     args = (torch.randn(37, 48), torch.randn(4, 48), torch.randn(40, 4))
     cm = lmc.compile(model, args, target="cpu", options=lmc.CompileOptions(cache_dir="off"))
-    (gemm,) = [st.fn for st in cm.executable.steps if type(st.fn).__name__ == "GemmLauncher"]
+    (gemm,) = [st.fn for st in _gemm_steps(cm.executable)]
     assert gemm.split.low_rank is not None
     out = np.empty((37, 40), np.float32)
     for _ in range(4):

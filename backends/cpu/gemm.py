@@ -553,6 +553,7 @@ def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block
     update up_alpha * T[rows] @ up[:, cols] (before the tile epilogue sees it)."""
     ic, jc, mc, nc, kc, first, last, bbase, pstride, lr_last = block
     t_panels = _t_panels(w, cfg)
+    share = w.op("mul", w.op("sdiv", kc, str(cfg.unroll)), "16")  # next-panel floats per call
     with w.loop(j0, j1, cfg.nr, "jr") as jr:
         nr = w.smin(str(cfg.nr), w.op("sub", nc, jr))
         col = w.op("add", jc, jr)
@@ -563,7 +564,6 @@ def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block
         # from memory (a MoE layer's grouped GEMMs ran ~20 % slower with their weights cold).
         next_bp = w.value(f"getelementptr float, ptr {bp}, i64 "
                           f"{w.op('mul', str(cfg.nr), pstride)}", "p")
-        share = w.op("mul", w.op("sdiv", kc, str(cfg.unroll)), "16")
         up = w.gep("%up", w.op("mul", col, "%rank"))
         col_args = "".join(f", ptr {w.gep(f'%colop{i}', col)}" for i in range(n_cols))
         with w.loop("0", mc, cfg.mr, "ir") as ir:
