@@ -235,6 +235,24 @@ def full_slice(rw: Rewriter, x: Value, root: Value):
     return x if op.start == 0 and op.step == 1 and x.type == root.type else None
 
 
+def take_of_iota(rw: Rewriter, x: Value, idx: Value, root: Value):
+    """take(x, iota(n, start, step)) along an axis → slice(x, start, last + 1, step), a view:
+    a learned position embedding's `pos(arange(T))` reads no indices and copies no rows. Only
+    where every index is statically in range: take fails on an out-of-range index, a slice
+    would clamp it."""
+    op = idx.op
+    ax = root.op.axis % max(x.type.rank, 1)
+    size, n = x.shape[ax] if x.type.rank else None, idx.shape[0]
+    if not (isinstance(size, int) and isinstance(n, int) and n >= 1) or \
+            not all(isinstance(a, int) for a in (op.start, op.step)) or \
+            op.start < 0 or op.step < 1:
+        return None
+    last = op.start + (n - 1) * op.step
+    if last >= size:
+        return None
+    return rw.value("tensor.slice", x, axis=ax, start=op.start, end=last + 1, step=op.step)
+
+
 def single_concat(rw: Rewriter, x: Value, root: Value):
     """concat of one operand → that operand."""
     return x if x.type == root.type else None
@@ -269,6 +287,7 @@ RULES = RuleSet([
      transposed_matmul),
     (P("tensor.slice", x), full_slice),
     (P("tensor.concat", x), single_concat),
+    (P("tensor.take", x, P("tensor.iota", name="idx")), take_of_iota),
     (P(None), fold_constants),
 ])
 del x, c

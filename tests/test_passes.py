@@ -258,3 +258,21 @@ def test_folding_declines_when_evaluation_fails():
 """)
     assert parse_pipeline("canonicalize")[0].run(m)["folded"] == 0
     assert "tensor.take" in print_module(m)
+
+
+@pytest.mark.parametrize("x_type,iota", [
+    ("f32[8,4]", "{start = 0, step = 1} : i64[9]"),  # past the axis: take must fail at run time
+    ("f32[8,4]", "{start = 2, step = 3} : i64[3]"),  # 2, 5, 8: the last is out of range
+    ("f32[8,4]", "{start = 0, step = 1} : i64[T]"),  # symbolic length: not provably in range
+    ("f32[B,4]", "{start = 0, step = 1} : i64[3]"),  # symbolic axis: the same
+])
+def test_take_of_iota_stays_a_take_unless_in_range(x_type, iota):
+    shape = iota.split(":")[1].strip()[4:-1]
+    m = parse(f"""func @main(%x: {x_type}, %n: f32[{shape}]) -> (f32[{shape},4]) {{
+  %0 = tensor.iota {iota}
+  %1 = tensor.take %x, %0 {{axis = 0}} : f32[{shape},4]
+  func.return %1
+}}
+""")
+    parse_pipeline("canonicalize")[0].run(m)
+    assert "tensor.take" in print_module(m) and "tensor.slice" not in print_module(m)

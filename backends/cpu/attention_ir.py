@@ -235,6 +235,9 @@ class _Writer:
         scale_v = w.splat(p["scale"], n)
         rows = [self.ptr(blk["q"], w.op("mul", r, p["qt"])) for r in blk["rows"]]
         with w.if_else(unit, "qcopy") as otherwise:
+            ahead = w.op("mul", p["qt"], str(cfg.mr))  # the next q-block's rows
+            for src in rows:
+                _prefetch_row(w, src, ahead, d)
             for i, src in enumerate(rows):
                 for c in range(0, d, n):
                     x = _load_vec(w, src, c, d, n)
@@ -505,6 +508,19 @@ def _transpose(w: FunctionWriter, rows: list[str], n: int) -> list[str]:
     return rows
 
 
+def _prefetch_row(w: FunctionWriter, row: str, ahead: str, d: int) -> None:
+    """Prefetch the unit-stride row of d floats `ahead` elements past `row`: every 64-byte
+    line of it, wherever it starts. The rows of q, k and v in a fused QKV output sit
+    kilobytes apart, a stride the hardware prefetchers do not follow across pages: without
+    this, each packing and q tile waited on memory row by row (the tiny GPT's attention ran
+    0.55-0.7 ms in the model against 0.33 ms with its inputs in cache; 0.45-0.55 with it, on
+    Zen 5). No `inbounds`: the row may lie past the operand; a prefetch never faults."""
+    at = w.value(f"getelementptr float, ptr {row}, i64 {ahead}")
+    for c in sorted({*range(0, d, 16), max(d - 1, 0)}):
+        line = w.value(f"getelementptr float, ptr {at}, i64 {c}")
+        w.emit(f"call void @llvm.prefetch.p0(ptr {line}, i32 0, i32 3, i32 1)")
+
+
 def render_pack_k(cfg: AttentionConfig, d: int, name: str) -> str:
     """Keys [js, je) of K (strides st, sd; js a multiple of NB) -> Kᵀ panels of D×NB in `kt`.
     With a unit-stride head dim, VL keys × VL dims at a time go through an in-register
@@ -525,6 +541,9 @@ def render_pack_k(cfg: AttentionConfig, d: int, name: str) -> str:
     with w.if_(unit, "vector"), w.loop("%js", whole, n, "jv") as j:
         srcs, dst = [w.gep("%k", w.op("mul", w.op("add", j, str(r)), "%st")) for r in range(n)], \
             dst_of(j)
+        ahead = w.op("mul", "%st", str(nb))  # the next block's rows: the next pack reads them
+        for src in srcs:
+            _prefetch_row(w, src, ahead, d)
         for d0 in range(0, d - d % n, n):
             rows = [w.load(vec(n), w.gep(src, str(d0))) for src in srcs]
             for c, col in enumerate(_transpose(w, rows, n)):
@@ -556,6 +575,7 @@ def render_pack_v(cfg: AttentionConfig, dv: int, name: str) -> str:
     with w.if_else(w.value("icmp eq i64 %sd, 1"), "unit") as otherwise:
         with w.loop("%js", "%je", 1, "j") as j:
             src, dst = w.gep("%v", w.op("mul", j, "%st")), w.gep("%vp", w.op("mul", j, str(dvp)))
+            _prefetch_row(w, src, w.op("mul", "%st", str(cfg.nb)), dv)
             for c in range(0, dvp, n):
                 w.store(v, _load_vec(w, src, c, dv, n), w.gep(dst, str(c)), 64)
         otherwise()
@@ -580,6 +600,7 @@ def _intrinsics(vl: int) -> set[str]:
         f"declare {v} @llvm.masked.load.v{vl}f32.p0(ptr, i32, <{vl} x i1>, {v})",
         f"declare void @llvm.masked.store.v{vl}f32.p0({v}, ptr, i32, <{vl} x i1>)",
         "declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)",
+        "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)",
     }
 
 
