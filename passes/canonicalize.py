@@ -20,7 +20,7 @@ from lmc.errors import LmcError
 from lmc.ir.core import Module, Op, Value
 from lmc.ir.ops.tensor import Constant
 from lmc.ir.rewriter import P, Rewriter, RuleSet, apply_rules, splat_value
-from lmc.ir.types import DType, TensorType, broadcast_shapes
+from lmc.ir.types import DType, TensorType, broadcast_shapes, normalize_axis
 from lmc.pass_base import Pass, register_pass
 from lmc.passes.dce import eliminate_dead_ops
 
@@ -241,8 +241,8 @@ def take_of_iota(rw: Rewriter, x: Value, idx: Value, root: Value):
     where every index is statically in range: take fails on an out-of-range index, a slice
     would clamp it."""
     op = idx.op
-    ax = root.op.axis % max(x.type.rank, 1)
-    size, n = x.shape[ax] if x.type.rank else None, idx.shape[0]
+    ax = normalize_axis(root.op.axis, x.type.rank)
+    size, n = x.shape[ax], idx.shape[0]
     if not (isinstance(size, int) and isinstance(n, int) and n >= 1) or \
             not all(isinstance(a, int) for a in (op.start, op.step)) or \
             op.start < 0 or op.step < 1:
