@@ -93,6 +93,7 @@ def _out_spec(module: Module) -> str | None:
     from torch.utils import _pytree
     try:
         return _pytree.treespec_dumps(spec)
+    # torch raises NotImplementedError for a pytree node type it cannot serialize
     except (NotImplementedError, TypeError, ValueError) as exc:
         warnings.warn(f"lmc: the model's output structure cannot be saved ({exc}); the loaded "
                       "model returns its outputs as a flat tuple", stacklevel=3)
@@ -214,6 +215,7 @@ class Artifact:
                 importlib.import_module(name)
         try:
             return _pytree.treespec_loads(text)
+        # NotImplementedError: torch's answer for a node type not registered in this process
         except (NotImplementedError, KeyError, ValueError) as exc:
             raise ArtifactError(f"{self.path}: cannot rebuild the model's output structure: "
                                 f"{exc}") from None

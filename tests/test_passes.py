@@ -260,17 +260,17 @@ def test_folding_declines_when_evaluation_fails():
     assert "tensor.take" in print_module(m)
 
 
-@pytest.mark.parametrize("x_type,iota", [
-    ("f32[8,4]", "{start = 0, step = 1} : i64[9]"),  # past the axis: take must fail at run time
-    ("f32[8,4]", "{start = 2, step = 3} : i64[3]"),  # 2, 5, 8: the last is out of range
-    ("f32[8,4]", "{start = 0, step = 1} : i64[T]"),  # symbolic length: not provably in range
-    ("f32[B,4]", "{start = 0, step = 1} : i64[3]"),  # symbolic axis: the same
+@pytest.mark.parametrize("x_type,start,step,n", [
+    ("f32[8,4]", 0, 1, "9"),  # past the axis: take must fail at run time
+    ("f32[8,4]", 2, 3, "3"),  # 2, 5, 8: the last is out of range
+    ("f32[8,4]", 0, 1, "T"),  # symbolic length: not provably in range
+    ("f32[B,4]", 0, 1, "3"),  # symbolic axis: the same
 ])
-def test_take_of_iota_stays_a_take_unless_in_range(x_type, iota):
-    shape = iota.split(":")[1].strip()[4:-1]
-    m = parse(f"""func @main(%x: {x_type}, %n: f32[{shape}]) -> (f32[{shape},4]) {{
-  %0 = tensor.iota {iota}
-  %1 = tensor.take %x, %0 {{axis = 0}} : f32[{shape},4]
+def test_take_of_iota_stays_a_take_unless_in_range(x_type, start, step, n):
+    # %len only binds the iota's length n when it is a symbol
+    m = parse(f"""func @main(%x: {x_type}, %len: f32[{n}]) -> (f32[{n},4]) {{
+  %0 = tensor.iota {{start = {start}, step = {step}}} : i64[{n}]
+  %1 = tensor.take %x, %0 {{axis = 0}} : f32[{n},4]
   func.return %1
 }}
 """)
