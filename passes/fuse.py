@@ -208,6 +208,25 @@ class _Fuser:
                         v.dtype is dtype and _same_shape(v.type.shape, shape) and \
                         self.try_join(gid, p, group) is None:
                     todo.append(p)
+                elif self._sibling(p, group):
+                    why = self.try_join(gid, p, group)
+                    if why is not None:
+                        self.reject(p, group, why)
+
+    def _sibling(self, p: Op | None, group: Group) -> bool:
+        """A second GEMM on the anchor's rows whose only use is the epilogue (SwiGLU's x·W3
+        in silu(x·W1)·(x·W3)): joined, the backend computes both as one GEMM over x, and
+        x·W3 never goes to memory. One per kernel, of the anchor's kind, routing and shape,
+        with 2-D (or per-expert) weights; not beside a LoRA branch (its GEMMs are the
+        kernel's prologue)."""
+        a = group.anchor
+        if not self.free(p) or p.name != a.name or len(p.result.uses) != 1 or \
+                sum(o.name == a.name for o in group.ops) != 1:
+            return False
+        x, w = a.operand_values[:2]
+        return p.operand_values[0] is x and p.operand_values[2:] == a.operand_values[2:] and \
+            p.result.type == a.result.type and p.operand_values[1].type == w.type and \
+            (a.name == "moe.grouped_matmul" or (w.type.rank == 2 and x.type.rank >= 2))
 
     def _grow_epilogue(self, op: Op, gid: int, group: Group) -> None:
         cur = op.result

@@ -45,6 +45,13 @@ JOB_FIELDS = ("m", "n", "k", "a", "b", "c", "row0", "col0", "up", "tbuf")
 TILE_EPILOGUE_TYPES = ("ptr", "i64", "i64", "i64", "i64", "i64", "ptr")
 
 
+def epilogue_block(cfg: GemmConfig) -> int:
+    """The width of the C blocks the tile epilogue sees: EPILOGUE_COLS (at most NC) rounded to
+    whole NR panels. Blocks start at multiples of it (the N blocks are multiples of it too),
+    which a dual GEMM's column layout relies on (`threads.pack_dual`)."""
+    return cfg.nr * max(1, min(EPILOGUE_COLS, cfg.nc) // cfg.nr)
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     """Register tile MR x (NV*VL), cache blocks KC/MC/NC, and the text-level K unroll."""
@@ -442,7 +449,10 @@ def render_driver(cfg: GemmConfig, name: str, names: dict[str, str], n_cols: int
     cols = "".join(f", ptr %colop{i}" for i in range(n_cols))
     w = FunctionWriter(f"void @{name}({DRIVER_ARGS}{cols})")
     kstep, mstep = _even_step(w, "%K", cfg.kc, 1), _even_step(w, "%M", cfg.mc, cfg.mr)
-    nstep = _even_step(w, "%N", cfg.nc, cfg.nr)
+    # With a tile epilogue, N blocks are whole epilogue blocks, so every block it sees starts
+    # at a multiple of its width (and they stay within NC: the packed-B buffer's width).
+    unit = epilogue_block(cfg) if tile_epilogue else cfg.nr
+    nstep = _even_step(w, "%N", cfg.nc // unit * unit, unit)
     # K == 0 still makes one pass with kc = 0: C = beta*C and the epilogues run exactly once.
     kend = w.value("call i64 @llvm.smax.i64(i64 %K, i64 1)")
     packed = w.value("icmp ne i64 %b_packed, 0")
@@ -534,7 +544,7 @@ def _macro_kernel(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int,
     if tile_epilogue is None:
         _panels(w, cfg, ukernel, n_cols, block, "0", nc)
         return
-    step = cfg.nr * max(1, EPILOGUE_COLS // cfg.nr)
+    step = epilogue_block(cfg)
     with w.loop("0", nc, step, "jb") as jb:
         end = w.smin(w.op("add", jb, str(step)), nc)
         _panels(w, cfg, ukernel, n_cols, block, jb, end)

@@ -144,6 +144,9 @@ class _Split:
     alpha: dict[Op, float] = field(default_factory=dict)  # branch GEMM → its folded scale
     alias: dict[Value, Value] = field(default_factory=dict)  # folded `g·c` → g's result
     low_rank: _LowRank | None = None  # the LoRA branch, when the GEMM computes it itself
+    # A second GEMM on the anchor's rows that only the epilogue reads (SwiGLU's x·W3, fuse's
+    # sibling): in the prologue, unless the launcher runs both as one dual GEMM.
+    sibling: Op | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ def split_body(body: Block, anchor_name: str) -> _Split:
     gemms = [o for o in ops if o.name == anchor_name]
     anchors = [o for o in gemms if o.operand_values[0] in args and o.operand_values[1] in args
                and not any(d.name == anchor_name for d in _downstream(o, ops))]
+    sibling = anchors.pop() if len(anchors) == 2 and _siblings(*anchors) else None
     if len(anchors) != 1:
         raise ValueError(f"a {anchor_name} kernel body needs one anchor, found {len(anchors)}")
     anchor = anchors[0]
@@ -178,10 +182,17 @@ def split_body(body: Block, anchor_name: str) -> _Split:
     epilogue = [o for o in ops if o.name == "tensor.constant" and o.result in used] + epilogue
     made = {v for o in epilogue for v in o.result_values} | {anchor.result}
     inputs = list(dict.fromkeys(v for o in epilogue for v in o.operand_values if v not in made))
-    split = _Split(anchor, prologue, epilogue, inputs)
+    split = _Split(anchor, prologue, epilogue, inputs, sibling=sibling)
     _fold_scales(split)
     _take_low_rank(split)
     return split
+
+
+def _siblings(a: Op, b: Op) -> bool:
+    """Two GEMMs a dual GEMM can compute: the same rows (and routing), weights of one shape."""
+    return a.operand_values[0] is b.operand_values[0] and a.result.type == b.result.type and \
+        a.operand_values[1].type == b.operand_values[1].type and \
+        a.operand_values[2:] == b.operand_values[2:]
 
 
 def _downstream(op: Op, ops: list[Op]) -> list[Op]:
@@ -285,10 +296,17 @@ class GemmLauncher:
         from .gemm import compile_gemm
         self.split = s = split_body(self.op.body, self.anchor_name)
         self.results = list(self.op.body.terminator.operand_values)
-        self.tile = self.in_place = None
+        self.tile = self.in_place = self.epi_fn = None
         self.alpha = 1.0  # a scale of the anchor folded into its GEMM (batched operands)
         self.modules: list[str] = []
-        if s.epilogue:
+        # A sibling GEMM with constant weights runs as one dual GEMM with the anchor
+        # (`_dual_epilogue`); otherwise (weights given per call: a train step) it runs first,
+        # in the prologue, and the plain epilogue (compiled on first use then) reads its result.
+        self.dual_fn = self.dual_packed = None
+        self._dual_raw: dict[Value, np.ndarray] = {}
+        if s.sibling is not None and self._two_d():
+            self._dual_epilogue(s)
+        elif s.epilogue:
             self._epilogue(s)
         self.packed = None  # the anchor's constant weight, packed once (`prepack`)
         self.branch_packed: dict[Value, object] = {}  # the same for the low-rank branch
@@ -308,10 +326,27 @@ class GemmLauncher:
             return
         value = self.op.body.args[arg]
         self._replays.clear()  # their records point into the panels packed before
+        if self.dual_fn is not None:
+            self._prepack_dual(value, weight)
+            return
         if value is self.split.anchor.operand_values[1]:
             self.packed = prepack_b(weight, kernel=self.kernel)
         if value in self.branch_weights:
             self.branch_packed[value] = prepack_b(weight, kernel=self.kernel)
+
+    def _prepack_dual(self, value: Value, weight: np.ndarray) -> None:
+        """Both GEMMs' weights, once both are known, as one packed B (`pack_dual`)."""
+        from .gemm import epilogue_block
+        from .threads import pack_dual
+        weights = [g.operand_values[1] for g in (self.split.anchor, self.split.sibling)]
+        if value not in weights:
+            return
+        self._dual_raw[value] = weight
+        if len(self._dual_raw) == 2:  # (the same weight twice never packs: it runs plainly)
+            half = epilogue_block(self.kernel.config) // 2
+            self.dual_packed = pack_dual(*(self._dual_raw[v] for v in weights), half,
+                                         self.kernel)
+            self._dual_raw = {}
 
     @property
     def branch_weights(self) -> tuple[Value, ...]:
@@ -319,24 +354,14 @@ class GemmLauncher:
         return () if lr is None else (lr.down.rhs, lr.up.rhs)
 
     def _epilogue(self, s: _Split) -> None:
-        from .loops import compile_loop_kernel, render_tile_epilogue
+        from .loops import compile_loop_kernel
         a = s.anchor
         if self._two_d():
             operands = list(a.operand_values)
             tile_op = _outlined(self.op.kind, operands + s.inputs, [a, *s.epilogue],
                                 self.results, s.low_rank.renamed if s.low_rank else None)
-            # The epilogue is its own small module, called through a pointer by one GEMM
-            # module that every matmul shares: a cold compile builds the ~1 s GEMM once, not
-            # once per distinct epilogue. An indirect call per block of C costs nothing.
-            name, text, used = render_tile_epilogue(tile_op, tile_op.body.ops[0], self.target,
-                                                    exported=True)
-            engine = default_engine(self.target)
-            engine.add_ir(name, text)
-            self.epi_fn = engine.function_address(name)
-            self.modules.append(text)
+            self.epi_fn, self.tile_operands = self._tile_function(tile_op, len(operands))
             self.tile = INDIRECT_TILE
-            index = {v: i - len(operands) for i, v in enumerate(tile_op.body.args)}
-            self.tile_operands = [index[v] for v in used]  # positions in s.inputs
         else:
             first, ops = a.result, s.epilogue
             scale = _leading_scale(a, ops)
@@ -347,6 +372,33 @@ class GemmLauncher:
                 ew = _outlined("elementwise", [first, *s.inputs], ops, self.results)
                 self.in_place = compile_loop_kernel(ew, self.target)
                 self.modules.append(self.in_place.llvm_ir)
+
+    def _dual_epilogue(self, s: _Split) -> None:
+        """The tile function of the dual GEMM: the epilogue over both GEMMs' halves of C."""
+        operands = [*s.anchor.operand_values, s.sibling.operand_values[1]]
+        inputs = [v for v in s.inputs if v is not s.sibling.result]
+        tile_op = _outlined(self.op.kind, operands + inputs, [s.anchor, s.sibling, *s.epilogue],
+                            self.results)
+        self.dual_fn, used = self._tile_function(tile_op, len(operands), dual=True)
+        self.dual_reads = [inputs[i] for i in used]
+        self.tile = INDIRECT_TILE
+
+    def _tile_function(self, tile_op: Op, n_gemm_args: int, dual: bool = False
+                       ) -> tuple[int, list[int]]:
+        """(address, positions of the operands it reads among the args after the GEMMs') of
+        the compiled tile epilogue of `tile_op` (the anchor first in its body, then a dual
+        GEMM's sibling). It is its own small module, called through a pointer by one GEMM
+        module that every matmul shares: a cold compile builds the ~1 s GEMM once, not once
+        per distinct epilogue. An indirect call per block of C costs nothing."""
+        from .loops import render_tile_epilogue
+        ops = tile_op.body.ops
+        name, text, used = render_tile_epilogue(tile_op, ops[0], self.target, exported=True,
+                                                sibling=ops[1] if dual else None)
+        engine = default_engine(self.target)
+        engine.add_ir(name, text)
+        self.modules.append(text)
+        index = {v: i - n_gemm_args for i, v in enumerate(tile_op.body.args)}
+        return engine.function_address(name), [index[v] for v in used]
 
     @property
     def strided_out(self) -> bool:
@@ -404,6 +456,11 @@ class GemmLauncher:
 
     def _run(self, ins, outs, env, held: list) -> None:
         vals = dict(zip(self.op.body.args, ins))
+        if self.dual_packed is not None:
+            self._dual(vals, outs)
+            return
+        if self.split.epilogue and self.epi_fn is None and self.tile is not None:
+            self._epilogue(self.split)  # a dual GEMM's weights were not prepacked
         for o in self.split.prologue:  # the LoRA branch: x·Aᵀ, then s·(x·Aᵀ)·Bᵀ
             if o.name == self.anchor_name:
                 vals[o.result] = self._gemm(o, vals, None, 0, self.split.alpha.get(o, 1.0))
@@ -448,6 +505,21 @@ class GemmLauncher:
         sgemm(rows, w, out=flat, alpha=alpha, tile_epilogue=tile,
               epi_args=epi_args, low_rank=low_rank, **opts)
         return out
+
+    def _dual(self, vals, outs) -> None:
+        """Anchor and sibling as one GEMM over x (`threads.dual_sgemm`)."""
+        from .threads import dual_sgemm
+        a, out = self.split.anchor, outs[0]
+        x = vals[a.operand_values[0]]
+        offsets = vals[a.operand_values[2]] if self.anchor_name == "moe.grouped_matmul" else None
+        args, _views = _epilogue_args(self.dual_fn, [vals[v] for v in self.dual_reads],
+                                      out.shape, [out, *outs[1:]])
+        flat = out.reshape(-1, out.shape[-1])
+        if not np.may_share_memory(flat, out):  # a reshape that copied would lose the result
+            raise ValueError("the matmul output must be contiguous")
+        dual_sgemm(x.reshape(-1, x.shape[-1]), self.dual_packed, offsets, out=flat,
+                   tile_epilogue=self.tile, epi_args=args.ctypes.data, threads=self.threads,
+                   target=self.target)
 
     def _low_rank(self, vals):
         """The branch's weights packed for the GEMM (once, if constant; else per call: they

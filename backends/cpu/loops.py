@@ -651,23 +651,26 @@ def compile_loop_kernel(op: Op, target: HostTarget | None = None,
 
 # ---- GEMM tile epilogues -----------------------------------------------------------------------
 
-def _epilogue_ops(op: Op, anchor: Op) -> tuple[list[Op], list[Value], list[Value]]:
-    """The ops the results are computed by from the anchor's (in body order, the constants
-    they read included; also ops on other inputs only, e.g. a gelu'(h) the epilogue multiplies
-    by), the values they read from outside (body arguments, in first-use order) and the
-    results: the first is written back into C, the others to outputs of their own."""
+def _epilogue_ops(op: Op, anchor: Op, sibling: Op | None = None
+                  ) -> tuple[list[Op], list[Value], list[Value]]:
+    """The ops the results are computed by from the anchor's (and a dual GEMM's sibling's;
+    in body order, the constants they read included; also ops on other inputs only, e.g. a
+    gelu'(h) the epilogue multiplies by), the values they read from outside (body arguments,
+    in first-use order) and the results: the first is written back into C, the others to
+    outputs of their own."""
     body = op.body
     results = list(body.terminator.operand_values)
+    gemms = {anchor, sibling} - {None}
     needed, stack, from_anchor = set(), list(results), False
-    while stack:  # the results' producers, up to the anchor and the body arguments
+    while stack:  # the results' producers, up to the GEMMs and the body arguments
         v = stack.pop()
         from_anchor |= v.op is anchor
-        if v in needed or v.op is None or v.op is anchor:
+        if v in needed or v.op is None or v.op in gemms:
             continue
         needed.add(v)
         stack += v.op.operand_values
-    ops = [o for o in body.ops if o is not anchor and any(r in needed for r in o.result_values)]
-    made = {anchor.result} | {r for o in ops for r in o.result_values}
+    ops = [o for o in body.ops if o not in gemms and any(r in needed for r in o.result_values)]
+    made = {g.result for g in gemms} | {r for o in ops for r in o.result_values}
     reads = list(dict.fromkeys(v for o in ops for v in o.operand_values if v not in made))
     shape = anchor.result.type.shape
     if not from_anchor or any(r.dtype.value != "f32" or not _same_shape(r.type.shape, shape)
@@ -678,8 +681,8 @@ def _epilogue_ops(op: Op, anchor: Op) -> tuple[list[Op], list[Value], list[Value
 
 
 def render_tile_epilogue(op: Op, anchor: Op, target: HostTarget | None = None,
-                         lanes: int | None = None, exported: bool = False
-                         ) -> tuple[str, str, list[Value]]:
+                         lanes: int | None = None, exported: bool = False,
+                         sibling: Op | None = None) -> tuple[str, str, list[Value]]:
     """(name, module text, operand values) of the tile function `void @NAME(ptr %c, i64 %ldc,
     i64 %row0, i64 %col0, i64 %mr, i64 %nr, ptr %args)` for a matmul kernel's epilogue (ABI in
     docs/CPU_BACKEND.md; `c` points at C[row0, col0]). The epilogue is compiled as an
@@ -689,12 +692,18 @@ def render_tile_epilogue(op: Op, anchor: Op, target: HostTarget | None = None,
     the tile function calls with an args block it builds. The text brings its own declarations
     and vmath functions. `exported`: the tile function is public, for a module of its own
     called through a pointer, instead of internal (inlined into the GEMM module that includes
-    the text)."""
+    the text).
+
+    `sibling`: a second GEMM of the body on the same rows, computed by the same (dual) GEMM
+    (`threads.dual_sgemm`): each block of C then holds the anchor's columns in its first half
+    and the sibling's in its second, and `col0` / `nr` count C's columns, twice the result's.
+    The epilogue reads both halves and writes the first result to the first output in `args`
+    (after the operands) instead of back into C, at result column col0 / 2."""
     lanes = lanes or default_lanes(default_engine(target).target)
-    ops, reads, results = _epilogue_ops(op, anchor)
+    ops, reads, results = _epilogue_ops(op, anchor, sibling)
     if anchor.result.type.rank < 2:
         raise EmitError(op, "a tile epilogue maps a 2-D (or batched) matmul result onto itself")
-    values = [anchor.result, *reads]
+    values = [anchor.result, *([sibling.result] if sibling else []), *reads]
     body = Block([v.type for v in values])
     mapping = dict(zip(values, body.args))
     for o in ops:
@@ -704,36 +713,42 @@ def render_tile_epilogue(op: Op, anchor: Op, target: HostTarget | None = None,
                                       {"kind": "elementwise"}, [r.type for r in results],
                                       [Region([body])])
     plan = Plan(kernel)
-    key = canonical_text(kernel) + f"|tile|{lanes}"
+    key = canonical_text(kernel) + f"|tile|{lanes}" + ("|dual" if sibling else "")
     name = f"lmc_tile_epi_{hashlib.sha1(key.encode()).hexdigest()[:16]}"
     rows = _LoopWriter(plan, name + "_rows", lanes, "internal").render()
     wrapper = _tile_wrapper(name, plan, reads, len(results) - 1,
-                            "" if exported else "internal ")
+                            "" if exported else "internal ", sibling is not None)
     return name, emit.module_text([rows, wrapper], {lanes}), reads
 
 
 def _tile_wrapper(name: str, plan: Plan, reads: list[Value], extra_results: int,
-                  linkage: str) -> str:
+                  linkage: str, dual: bool = False) -> str:
     """The tile function: the loop kernel's args block for rows 0..mr of the tile, all row
-    strides on the last outer axis, then one call (LLVM inlines it)."""
+    strides on the last outer axis, then one call (LLVM inlines it). `dual`: C's block holds
+    two operands side by side (see `render_tile_epilogue`)."""
     r = plan.outer_rank
-    n_words = r + 1 + (len(reads) + 2 + extra_results) * (r + 2)
+    n_words = r + 1 + (len(reads) + 2 + dual + extra_results) * (r + 2)
     w = FunctionWriter(f"{linkage}void @{name}(ptr %c, i64 %ldc, i64 %row0, i64 %col0, "
                        "i64 %mr, i64 %nr, ptr %args)")
     block = w.slot(f"[{n_words} x i64]", hint="words")
-    words = ["1"] * (r - 1) + ["%mr", "%nr"]
+    cols, col0 = (w.op("lshr", "%nr", "1"), w.op("lshr", "%col0", "1")) if dual else \
+        ("%nr", "%col0")
+    words = ["1"] * (r - 1) + ["%mr", cols]
     c = w.value("ptrtoint ptr %c to i64")
 
     def passed(k: int, dtype: DType) -> tuple[str, str, str]:
         """The k-th (pointer, row stride, column stride) of `args`, moved to the tile."""
         ptr, rs, cs = (w.load("ptr" if f == 0 else "i64", w.gep("%args", str(3 * k + f), "i64"),
                               8) for f in range(3))
-        start = w.op("add", w.op("mul", "%row0", rs), w.op("mul", "%col0", cs))
+        start = w.op("add", w.op("mul", "%row0", rs), w.op("mul", col0, cs))
         return w.value(f"ptrtoint ptr {w.gep(ptr, start, STORAGE[dtype])} to i64"), rs, cs
 
-    operands = [(c, "%ldc", "1")] + [passed(k, v.dtype) for k, v in enumerate(reads)]
-    outputs = [(c, "%ldc", "1")] + [passed(len(reads) + k, DType.f32)
-                                    for k in range(extra_results)]
+    operands = [(c, "%ldc", "1")]
+    if dual:  # the sibling's half of the block, right after the anchor's
+        operands.append((w.op("add", c, w.op("mul", cols, "4")), "%ldc", "1"))
+    operands += [passed(k, v.dtype) for k, v in enumerate(reads)]
+    outputs = [passed(len(reads), DType.f32)] if dual else [(c, "%ldc", "1")]
+    outputs += [passed(len(reads) + dual + k, DType.f32) for k in range(extra_results)]
     for base, rs, cs in [*operands, *outputs]:
         words += [base, *(["0"] * (r - 1)), rs, cs]
     for i, word in enumerate(words):

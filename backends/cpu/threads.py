@@ -1,5 +1,6 @@
 """Multi-core GEMM launchers: 2-D (`sgemm`), grouped for mixture-of-experts (`grouped_sgemm`),
-batched (`batched_sgemm`), and `prepack_b` for constant weights.
+batched (`batched_sgemm`), dual (`dual_sgemm`: two GEMMs on the same rows as one), and
+`prepack_b` / `pack_dual` for constant weights.
 
 Each thread of the core pool (pool.py) gets a list of job records (a block of C of one matrix
 each, see gemm.JOB_FIELDS) and runs them with one native call, with its own packed-panel
@@ -485,16 +486,87 @@ def grouped_sgemm(x: np.ndarray, w: np.ndarray | PackedB, offsets: np.ndarray, *
     kernel = compile_gemm(config, (), target, tile_epilogue)
     layout = _Layout(_elements(x.strides), b_strides, out.strides[0] // F32,
                      isinstance(w, PackedB))
-    # (rows, expert or None): uncovered rows run with K = 0, i.e. zeros through the epilogue.
-    pieces = [(lo, hi, e) for e, (lo, hi) in enumerate(pairwise(bounds)) if hi > lo]
-    pieces += [(0, bounds[0], None), (bounds[-1], m, None)]
-    pieces = [p for p in pieces if p[1] > p[0]]
+    pieces = _pieces(bounds, m)
     sizes = [(hi - lo, f, 0 if e is None else d) for lo, hi, e in pieces]
     plan = schedule(sizes, kernel.config, threads or cpu_threads())
     records = [[layout.job(block, sizes[i][2], _piece_ptrs(x, out, pieces[i], w_ptr, w_step),
                            (pieces[i][0], 0), []) for i, block in share] for share in plan]
     launch(kernel, layout, records, 1.0, 0.0, _address(epi_args))
     return out
+
+
+def pack_dual(wa: np.ndarray, wb: np.ndarray, half: int, kernel: GemmKernel,
+              trans_b: bool = False) -> PackedB:
+    """Weights Wa, Wb (each [K, N] or a stack [E, K, N]; [N, K] with trans_b) of two GEMMs on
+    the same rows, packed as one B of 2N columns for `dual_sgemm`: blocks of `half` columns of
+    Wa and Wb alternate, so each tile-epilogue block of C (2·half wide, `gemm.epilogue_block`)
+    holds a column range of both products side by side, and SwiGLU's silu(x·W1)·(x·W3) is
+    one pass over x whose x·W3 never goes to memory."""
+    wa, wb = (np.swapaxes(_as_f32(w), -1, -2) if trans_b else _as_f32(w) for w in (wa, wb))
+    if wa.shape != wb.shape:
+        raise ShapeError(f"pack_dual: the two weights differ in shape: {wa.shape} vs {wb.shape}")
+    n = wa.shape[-1]
+    both = np.empty((*wa.shape[:-1], 2 * n), np.float32)
+    for c0 in range(0, n, half):
+        c1 = min(n, c0 + half)
+        both[..., 2 * c0:c0 + c1] = wa[..., c0:c1]
+        both[..., c0 + c1:2 * c1] = wb[..., c0:c1]
+    return prepack_b(both if both.ndim == 3 else both[None], kernel=kernel)
+
+
+def dual_sgemm(x: np.ndarray, w: PackedB, offsets: np.ndarray | None, *, out: np.ndarray,
+               tile_epilogue: TileEpilogue, epi_args: int | np.ndarray,
+               threads: int | None = None, target: HostTarget | None = None) -> np.ndarray:
+    """Two GEMMs on the rows of x [M, K] as one (`pack_dual`'s w, a stack [E] of experts with
+    `offsets` [E+1] as in `grouped_sgemm`, or [1] for a plain matmul with offsets None): each
+    finished block of the [rows, 2N] product goes to the tile epilogue (rendered with its
+    `sibling`), which writes its result into out [M, N]. The product lives only in a per-thread
+    scratch of MC rows: every job is one MC-row block, computed, then consumed in L2."""
+    x = _as_f32(x)
+    (n_experts,), d, width = w.batch, w.k, w.n
+    m = x.shape[0]
+    if x.ndim != 2 or x.shape[1] != d or out.shape != (m, width // 2):
+        raise ShapeError(f"dual_sgemm: x {x.shape} and out {out.shape} do not fit the packed "
+                         f"weights [{n_experts}, {d}, 2 x {width // 2}]")
+    bounds = [0, m] if offsets is None else _expert_bounds(offsets, n_experts, m)
+    if m == 0 or width == 0:
+        return out
+    kernel = compile_gemm(w.config, (), target, tile_epilogue)
+    cfg = kernel.config
+    ldc = -(-width // 16) * 16  # scratch rows on 64-byte boundaries
+    threads = _useful_threads(m * width * d, cfg, threads or cpu_threads())
+    scratch = _scratch_slots(threads, cfg.mc * ldc)
+    layout = _Layout(_elements(x.strides), (0, 0), ldc, True)
+    plan: list[list[list[int]]] = [[] for _ in range(threads)]
+    for i, (lo, hi, e) in enumerate(_pieces(bounds, m)):
+        parts = min(threads, -(-(hi - lo) // cfg.mr))
+        for t, (r0, r1) in enumerate(pairwise(_tile_bounds(hi - lo, cfg.mr, parts))):
+            slot = (t + i) % threads  # each piece's larger share goes to another thread
+            for c0 in range(lo + r0, lo + r1, cfg.mc):
+                rows = min(lo + r1, c0 + cfg.mc) - c0
+                ptrs = (x.ctypes.data + c0 * x.strides[0],
+                        w.data.ctypes.data + (e or 0) * w.data.strides[0], scratch[slot])
+                plan[slot].append(layout.job((0, rows, 0, width), 0 if e is None else d, ptrs,
+                                             (c0, 0), []))
+    launch(kernel, layout, plan, 1.0, 0.0, _address(epi_args))
+    return out
+
+
+def _pieces(bounds: list[int], m: int) -> list[tuple[int, int, int | None]]:
+    """(lo, hi, expert) row ranges of a grouped GEMM; rows outside bounds[0]:bounds[-1] get
+    expert None: they run with K = 0, i.e. zeros through the epilogue."""
+    pieces = [(lo, hi, e) for e, (lo, hi) in enumerate(pairwise(bounds)) if hi > lo]
+    pieces += [(0, bounds[0], None), (bounds[-1], m, None)]
+    return [p for p in pieces if p[1] > p[0]]
+
+
+def _scratch_slots(n: int, floats: int) -> list[int]:
+    """Addresses of n scratch buffers of >= `floats` floats, kept by the calling thread (one per
+    job list of a launch, which its threads fill at the same time)."""
+    slots = getattr(_local, "dual_scratch", None)
+    if slots is None or len(slots) < n or slots[0].size < floats:
+        slots = _local.dual_scratch = [_aligned(floats) for _ in range(n)]
+    return [b.ctypes.data for b in slots[:n]]
 
 
 def _expert_bounds(offsets, n_experts: int, m: int) -> list[int]:
