@@ -11,14 +11,17 @@ import time
 import numpy as np
 import pytest
 
+import lmc
 from lmc.backends.cpu import GemmConfig, Relu, compile_gemm, host_target, sgemm
 from lmc.backends.cpu import pool as cpu_pool
 from lmc.backends.cpu import threads as cpu_threads
 from lmc.backends.cpu.gemm import TileEpilogue, default_config
 from lmc.backends.cpu.jit import HostTarget, JitError
+from lmc.backends.cpu.kernels import NARROW_N, GemmLauncher, NarrowMatmul
 from lmc.backends.cpu.threads import LowRank, batched_sgemm, grouped_sgemm, prepack_b
 from lmc.backends.reference.interpreter import IMPL
 from lmc.errors import ShapeError
+from lmc.ir.parser import parse
 
 # Tiny blocks: K, M and N each span several KC/MC/NC blocks already at sizes ~100.
 SMALL_BLOCKS = GemmConfig(vl=8, mr=6, nv=2, kc=16, mc=12, nc=32)
@@ -688,3 +691,28 @@ def test_pool_nested_and_concurrent_calls():
     assert sorted(got) == ["nested", "outer", "t0", "t1", "t2"]
     for out in got.values():
         _check(out, a, b, seed)
+
+
+# -- a narrow matmul (N <= kernels.NARROW_N) runs as a row-dot reduction kernel --
+
+NARROW = """func @main(%x: f32[B,T,{K}], %w: f32[{N},{K}] {{param}}) -> (f32[B,T,{N}]) {{
+  %0 = tensor.permute %w {{perm = [1, 0]}} : f32[{K},{N}]
+  %1 = tensor.matmul %x, %0 : f32[B,T,{N}]
+  func.return %1
+}}"""
+
+
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 3), (129, 8), (512, 8), (33, 9)])
+def test_narrow_matmul_matches_interpreter(k, n):
+    """N = 9 is past the limit: the GEMM path, for comparison on the same shapes."""
+    rng, seed = _rng()
+    module = parse(NARROW.format(K=k, N=n), {"w": _rand(rng, n, k)})
+    cpu = lmc.compile(module, target="cpu", options=lmc.CompileOptions(cache_dir="off"))
+    ref = lmc.compile(module, target="ref")
+    (step,) = [st for st in cpu.executable.steps if st.kind == "kernel"]
+    assert isinstance(step.fn, NarrowMatmul if n <= NARROW_N else GemmLauncher)
+    for shape in ((1, 1, k), (2, 7, k), (3, 130, k)):
+        x = _rand(rng, *shape)
+        got, want = cpu(x), ref(x)
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * np.sqrt(k),
+                                   err_msg=f"seed {seed}")

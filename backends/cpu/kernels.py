@@ -73,9 +73,64 @@ def build_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Call
         return None
     if kind == "attention":
         return AttentionLauncher(op.body.ops[0], target, threads)
+    if kind == "matmul" and _narrow(op):
+        return NarrowMatmul(op, target, threads)
     if kind in ANCHOR:
         return GemmLauncher(op, ANCHOR[kind], target, threads)
     return None
+
+
+# A plain matmul at most this many columns wide (an MoE router's x·Wᵀ, 8 experts) runs as a
+# row-dot reduction kernel instead of the GEMM: the GEMM would pad N to its 32-column panels
+# and pack all of x for a few columns (MoE's [512, 512] · [512, 8] took 0.2 ms, a reduction
+# over K of x's rows against Wᵀ's rows, both contiguous, ~0.03).
+NARROW_N = 8
+
+
+def _narrow(op: Op) -> bool:
+    ops = [o for o in op.body.ops if o.name != "kernel.yield"]
+    if len(ops) != 1 or ops[0].name != "tensor.matmul" or \
+            list(op.body.terminator.operand_values) != [ops[0].result]:
+        return False
+    x, w = ops[0].operand_values
+    n = w.type.shape[-1] if w.type.rank == 2 else None
+    return x.type.rank >= 2 and isinstance(n, int) and n <= NARROW_N
+
+
+@dataclass
+class NarrowMatmul:
+    """x [..., K] · w [K, N] for a small N as the reduction kernel out[..., n] =
+    sum_k x[..., 1, k] · wᵀ[n, k] (loops.py), over views of the operands: no packing."""
+
+    op: Op
+    target: HostTarget | None
+    threads: int | None
+    strided_out = True
+
+    def __post_init__(self) -> None:
+        from lmc.ir.parser import parse
+
+        from .loops import compile_loop_kernel
+        x, w = self.op.body.ops[0].operand_values
+        lead = ",".join(str(d) for d in x.type.shape[:-1])
+        k, n = x.type.shape[-1], w.type.shape[-1]
+        text = f"""func @main(%x: f32[{lead},1,{k}], %w: f32[{n},{k}]) -> (f32[{lead},{n}]) {{
+  %0 = kernel.fused %x, %w {{kind = "reduction"}} : f32[{lead},{n}] {{
+  ^bb(%a: f32[{lead},1,{k}], %b: f32[{n},{k}]):
+    %1 = tensor.mul %a, %b : f32[{lead},{n},{k}]
+    %2 = tensor.sum %1 {{axes = [{x.type.rank}], keepdim = false}} : f32[{lead},{n}]
+    kernel.yield %2
+  }}
+  func.return %0
+}}"""
+        self.kernel = compile_loop_kernel(parse(text).main.body.ops[0], self.target)
+
+    def llvm_modules(self) -> list[str]:
+        return [self.kernel.llvm_ir]
+
+    def __call__(self, ins, outs, env) -> None:
+        x, w = ins
+        self.kernel.run([x[..., None, :], w.T], outs, threads=self.threads, env=env)
 
 
 def _column_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Callable | None:
