@@ -26,6 +26,7 @@ from typing import Any
 
 import networkx as nx
 
+from lmc.ir.analysis import same_rows_gemms
 from lmc.ir.core import Block, Func, Module, Op, Region, Value
 from lmc.ir.ops import OPS, op_class
 from lmc.ir.ops.tensor import ARITH, COMPARE, LOGICAL, Unary
@@ -220,13 +221,11 @@ class _Fuser:
         with 2-D (or per-expert) weights; not beside a LoRA branch (its GEMMs are the
         kernel's prologue)."""
         a = group.anchor
-        if not self.free(p) or p.name != a.name or len(p.result.uses) != 1 or \
+        if not self.free(p) or len(p.result.uses) != 1 or not same_rows_gemms(a, p) or \
                 sum(o.name == a.name for o in group.ops) != 1:
             return False
         x, w = a.operand_values[:2]
-        return p.operand_values[0] is x and p.operand_values[2:] == a.operand_values[2:] and \
-            p.result.type == a.result.type and p.operand_values[1].type == w.type and \
-            (a.name == "moe.grouped_matmul" or (w.type.rank == 2 and x.type.rank >= 2))
+        return a.name == "moe.grouped_matmul" or (w.type.rank == 2 and x.type.rank >= 2)
 
     def _grow_epilogue(self, op: Op, gid: int, group: Group) -> None:
         cur = op.result

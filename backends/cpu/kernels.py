@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmc.backends.reference.interpreter import IMPL
+from lmc.ir.analysis import same_rows_gemms
 from lmc.ir.core import Block, Op, Region, Value
 from lmc.ir.ops import op_class
 from lmc.ir.rewriter import splat_value
@@ -221,7 +222,7 @@ def split_body(body: Block, anchor_name: str) -> _Split:
     gemms = [o for o in ops if o.name == anchor_name]
     anchors = [o for o in gemms if o.operand_values[0] in args and o.operand_values[1] in args
                and not any(d.name == anchor_name for d in _downstream(o, ops))]
-    sibling = anchors.pop() if len(anchors) == 2 and _siblings(*anchors) else None
+    sibling = anchors.pop() if len(anchors) == 2 and same_rows_gemms(*anchors) else None
     if len(anchors) != 1:
         raise ValueError(f"a {anchor_name} kernel body needs one anchor, found {len(anchors)}")
     anchor = anchors[0]
@@ -242,13 +243,6 @@ def split_body(body: Block, anchor_name: str) -> _Split:
     _fold_scales(split)
     _take_low_rank(split)
     return split
-
-
-def _siblings(a: Op, b: Op) -> bool:
-    """Two GEMMs a dual GEMM can compute: the same rows (and routing), weights of one shape."""
-    return a.operand_values[0] is b.operand_values[0] and a.result.type == b.result.type and \
-        a.operand_values[1].type == b.operand_values[1].type and \
-        a.operand_values[2:] == b.operand_values[2:]
 
 
 def _downstream(op: Op, ops: list[Op]) -> list[Op]:
@@ -416,7 +410,7 @@ class GemmLauncher:
             operands = list(a.operand_values)
             tile_op = _outlined(self.op.kind, operands + s.inputs, [a, *s.epilogue],
                                 self.results, s.low_rank.renamed if s.low_rank else None)
-            self.epi_fn, self.tile_operands = self._tile_function(tile_op, len(operands))
+            self.epi_fn, self.tile_reads = self._tile_function(tile_op, s.inputs)
             self.tile = INDIRECT_TILE
         else:
             first, ops = a.result, s.epilogue
@@ -435,17 +429,17 @@ class GemmLauncher:
         inputs = [v for v in s.inputs if v is not s.sibling.result]
         tile_op = _outlined(self.op.kind, operands + inputs, [s.anchor, s.sibling, *s.epilogue],
                             self.results)
-        self.dual_fn, used = self._tile_function(tile_op, len(operands), dual=True)
-        self.dual_reads = [inputs[i] for i in used]
+        self.dual_fn, self.dual_reads = self._tile_function(tile_op, inputs, dual=True)
         self.tile = INDIRECT_TILE
 
-    def _tile_function(self, tile_op: Op, n_gemm_args: int, dual: bool = False
-                       ) -> tuple[int, list[int]]:
-        """(address, positions of the operands it reads among the args after the GEMMs') of
-        the compiled tile epilogue of `tile_op` (the anchor first in its body, then a dual
-        GEMM's sibling). It is its own small module, called through a pointer by one GEMM
-        module that every matmul shares: a cold compile builds the ~1 s GEMM once, not once
-        per distinct epilogue. An indirect call per block of C costs nothing."""
+    def _tile_function(self, tile_op: Op, inputs: list[Value], dual: bool = False
+                       ) -> tuple[int, list[Value]]:
+        """(address, the values of `inputs` it reads) of the compiled tile epilogue of
+        `tile_op`, whose args are the GEMMs' operands, then `inputs` (its body: the anchor
+        first, then a dual GEMM's sibling). It is its own small module, called through a
+        pointer by one GEMM module that every matmul shares: a cold compile builds the ~1 s
+        GEMM once, not once per distinct epilogue. An indirect call per block of C costs
+        nothing."""
         from .loops import render_tile_epilogue
         ops = tile_op.body.ops
         name, text, used = render_tile_epilogue(tile_op, ops[0], self.target, exported=True,
@@ -453,8 +447,8 @@ class GemmLauncher:
         engine = default_engine(self.target)
         engine.add_ir(name, text)
         self.modules.append(text)
-        index = {v: i - n_gemm_args for i, v in enumerate(tile_op.body.args)}
-        return engine.function_address(name), [index[v] for v in used]
+        outer = dict(zip(tile_op.body.args[-len(inputs):], inputs)) if inputs else {}
+        return engine.function_address(name), [outer[v] for v in used]
 
     @property
     def strided_out(self) -> bool:
@@ -525,16 +519,16 @@ class GemmLauncher:
         for new, old in self.split.alias.items():
             vals[new] = vals[old]
         out = outs[0]
-        extra = [vals[v] for v in self.split.inputs]
         if self.tile is not None:
             # `_views` (operand views or copies) must live until the GEMM has read them
-            args, _views = _epilogue_args(self.epi_fn, [extra[i] for i in self.tile_operands],
+            args, _views = _epilogue_args(self.epi_fn, [vals[v] for v in self.tile_reads],
                                           out.shape, outs[1:])
             self._gemm(self.split.anchor, vals, out, args.ctypes.data)
             held.append(args)
         else:
             self._gemm(self.split.anchor, vals, out, 0, self.alpha)
             if self.in_place is not None:
+                extra = [vals[v] for v in self.split.inputs]
                 self.in_place.run([out, *extra], outs, threads=self.threads, env=env)
 
     def _gemm(self, g: Op, vals, out, epi_args: int, alpha: float = 1.0):

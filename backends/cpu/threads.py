@@ -495,14 +495,13 @@ def grouped_sgemm(x: np.ndarray, w: np.ndarray | PackedB, offsets: np.ndarray, *
     return out
 
 
-def pack_dual(wa: np.ndarray, wb: np.ndarray, half: int, kernel: GemmKernel,
-              trans_b: bool = False) -> PackedB:
-    """Weights Wa, Wb (each [K, N] or a stack [E, K, N]; [N, K] with trans_b) of two GEMMs on
+def pack_dual(wa: np.ndarray, wb: np.ndarray, half: int, kernel: GemmKernel) -> PackedB:
+    """Weights Wa, Wb (each [K, N], any strides, or a stack [E, K, N]) of two GEMMs on
     the same rows, packed as one B of 2N columns for `dual_sgemm`: blocks of `half` columns of
     Wa and Wb alternate, so each tile-epilogue block of C (2·half wide, `gemm.epilogue_block`)
     holds a column range of both products side by side, and SwiGLU's silu(x·W1)·(x·W3) is
     one pass over x whose x·W3 never goes to memory."""
-    wa, wb = (np.swapaxes(_as_f32(w), -1, -2) if trans_b else _as_f32(w) for w in (wa, wb))
+    wa, wb = _as_f32(wa), _as_f32(wb)
     if wa.shape != wb.shape:
         raise ShapeError(f"pack_dual: the two weights differ in shape: {wa.shape} vs {wb.shape}")
     n = wa.shape[-1]

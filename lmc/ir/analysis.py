@@ -1,5 +1,5 @@
 """Analyses over a function that no pass needs to change IR: live memory over the op order,
-and the GEMM work of a kernel (`kernel_flops`, for profiles).
+the GEMM work of a kernel (`kernel_flops`, for profiles), and which GEMMs are siblings.
 
 `peak_live_bytes` is the memory a straight-line run of the function needs for its intermediate
 values at given sizes, each value freed after its last reader (views alias their source, so they
@@ -55,6 +55,14 @@ def _nbytes(v: Value, env: dict[str, int]) -> int:
     for d in eval_shape(v.type.shape, env):
         n *= d
     return int(n * v.dtype.itemsize)
+
+
+def same_rows_gemms(a: Op, b: Op) -> bool:
+    """Two GEMMs of one kind that one dual GEMM can compute: the same rows (lhs and, for a
+    grouped matmul, routing) and weights of one shape (fuse's siblings)."""
+    return a.name == b.name and a.operand_values[0] is b.operand_values[0] and \
+        a.operand_values[2:] == b.operand_values[2:] and a.result.type == b.result.type and \
+        a.operand_values[1].type == b.operand_values[1].type
 
 
 def kernel_flops(op: Op, env: dict[str, int]) -> float:
