@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -167,6 +168,44 @@ def test_partition_balances_whole_tiles():
     # half of A and half of B per block (4 x 1: a quarter of A and all of B).
     grid = cpu_threads.partition(1024, 1024, 1024, cfg, 4)
     assert len({m0 for m0, *_ in grid}) == len({n0 for *_, n0, _ in grid}) == 2
+
+
+def test_threads_claim_records_from_one_counter():
+    """A launch's threads claim record indices from one counter (gemm.render_jobs): a record
+    another thread claimed is not run again, each of the others runs once, and a record may
+    replace its C by the thread's own (`cbuf`)."""
+    cfg, rng = SMALL_BLOCKS, np.random.default_rng()
+    a, b = _rand(rng, 30, 20), _rand(rng, 20, 40)
+    layout = cpu_threads._Layout((20, 1), (40, 1), 40, False)
+    (apack, bpack), kernel = cpu_threads.pack_buffers(cfg), compile_gemm(cfg)
+    for own_c in (False, True):
+        out, scratch = np.full((30, 40), np.nan, np.float32), np.zeros((12, 40), np.float32)
+        ptrs = (a.ctypes.data, b.ctypes.data, out.ctypes.data)
+        jobs = np.array([layout.job(block, 20, ptrs, (0, 0), []) for block in
+                         [(0, 12, 0, 40), (12, 24, 0, 40), (24, 30, 0, 40)]], np.int64)
+        counter = np.array([1 if not own_c else 2], np.int64)  # taken by another thread
+        kernel.run_jobs(len(jobs), jobs.ctypes.data, layout.a_strides, layout.b_strides, 40,
+                        1.0, 0.0, apack.ctypes.data, bpack.ctypes.data, False, 0,
+                        claim=counter.ctypes.data, cbuf=scratch.ctypes.data if own_c else 0)
+        assert counter[0] == len(jobs) + 1  # the last claim found nothing left
+        if own_c:  # only the last record ran, into the scratch, at its own row offset
+            assert np.isnan(out).all()
+            _check(scratch[:6], a[24:], b, 0)
+        else:
+            assert np.isnan(out[:12]).all()
+            _check(out[12:], a[12:], b, 0)
+
+
+def test_prepacked_rows_split_into_claimed_jobs():
+    """With B prepacked, a thread's block becomes jobs of <= MC rows of whole MR tiles that
+    cover it exactly, for the threads to claim (a slowed core takes fewer)."""
+    for cfg in (SMALL_BLOCKS, default_config(HOST)):
+        for m0, m1 in [(0, 1), (6, 7), (0, 600), (12, 1000)]:
+            chunks = cpu_threads._row_chunks((m0, m1, 0, 48), cfg)
+            assert chunks[0][0] == m0 and chunks[-1][1] == m1
+            assert all(c[1] == d[0] for c, d in pairwise(chunks))
+            assert all(0 < c[1] - c[0] <= cfg.mc and (c[0] - m0) % cfg.mr == 0 for c in chunks)
+            assert len(chunks) == -(-(m1 - m0) // cfg.mc)
 
 
 @pytest.mark.skipif(not host_target().has_avx512, reason="host already runs the AVX2 path")

@@ -594,26 +594,39 @@ def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block
 
 JOBS_ARGS = ("i64 %njobs, ptr %jobs, i64 %rsa, i64 %csa, i64 %rsb, i64 %csb, i64 %ldc, "
              "float %alpha, float %beta, ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, "
-             "ptr %side, i64 %rank, float %up_alpha")
+             "ptr %side, i64 %rank, float %up_alpha, ptr %claim, ptr %cbuf")
 
 
 def render_jobs(name: str, driver: str, n_cols: int) -> str:
-    """`name(JOBS_ARGS)`: the driver on each of `njobs` records (JOB_FIELDS + column operand
-    pointers, i64 words) with shared strides: one native call runs a thread's share of a batched
-    or grouped GEMM, instead of one Python call per matrix."""
+    """`name(JOBS_ARGS)`: the driver on records (JOB_FIELDS + column operand pointers, i64
+    words) with shared strides: one native call runs a thread's share of a GEMM launch, instead
+    of one Python call per matrix. The thread claims record indices from the i64 counter at
+    `claim` (atomically) until one is >= `njobs`: with a counter of its own it runs a static
+    list; with one counter shared by every thread of a launch, a core that a neighbour slows
+    down takes fewer records. `cbuf`, unless null, replaces every record's C (a per-thread
+    scratch C that the tile epilogue consumes, `threads.dual_sgemm`)."""
     width = len(JOB_FIELDS) + n_cols
     w = FunctionWriter(f"void @{name}({JOBS_ARGS})")
-    with w.loop("0", "%njobs", 1, "job") as job:
-        rec = w.gep("%jobs", w.op("mul", job, str(width)), "i64")
-        words = [w.load("i64", w.gep(rec, str(i), "i64"), 8) for i in range(width)]
-        m, n, k, a, b, c, row0, col0, up, tbuf = words[:len(JOB_FIELDS)]
-        a, b, c, up, tbuf, *cols = (w.value(f"inttoptr i64 {x} to ptr")
-                                    for x in [a, b, c, up, tbuf, *words[len(JOB_FIELDS):]])
-        w.emit(f"call void @{driver}(i64 {m}, i64 {n}, i64 {k}, ptr {a}, i64 %rsa, i64 %csa, "
-               f"ptr {b}, i64 %rsb, i64 %csb, ptr {c}, i64 %ldc, float %alpha, float %beta, "
-               f"ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, i64 {row0}, i64 {col0}, "
-               f"ptr %side, i64 %rank, float %up_alpha, ptr {up}, ptr {tbuf}"
-               + "".join(f", ptr {p}" for p in cols) + ")")
+    cond, body, done = w.label("claim.cond"), w.label("claim.body"), w.label("claim.end")
+    own_c = w.value("icmp eq ptr %cbuf, null")
+    w.emit(f"br label %{cond}")
+    w.block(cond)
+    job = w.value("atomicrmw add ptr %claim, i64 1 monotonic, align 8", "job")
+    w.emit(f"br i1 {w.value(f'icmp slt i64 {job}, %njobs')}, label %{body}, label %{done}")
+    w.block(body)
+    rec = w.gep("%jobs", w.op("mul", job, str(width)), "i64")
+    words = [w.load("i64", w.gep(rec, str(i), "i64"), 8) for i in range(width)]
+    m, n, k, a, b, c, row0, col0, up, tbuf = words[:len(JOB_FIELDS)]
+    a, b, c, up, tbuf, *cols = (w.value(f"inttoptr i64 {x} to ptr")
+                                for x in [a, b, c, up, tbuf, *words[len(JOB_FIELDS):]])
+    c = w.value(f"select i1 {own_c}, ptr {c}, ptr %cbuf")
+    w.emit(f"call void @{driver}(i64 {m}, i64 {n}, i64 {k}, ptr {a}, i64 %rsa, i64 %csa, "
+           f"ptr {b}, i64 %rsb, i64 %csb, ptr {c}, i64 %ldc, float %alpha, float %beta, "
+           f"ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, i64 {row0}, i64 {col0}, "
+           f"ptr %side, i64 %rank, float %up_alpha, ptr {up}, ptr {tbuf}"
+           + "".join(f", ptr {p}" for p in cols) + ")")
+    w.emit(f"br label %{cond}")
+    w.block(done)
     return w.text()
 
 
@@ -621,7 +634,7 @@ def render_jobs(name: str, driver: str, n_cols: int) -> str:
 # (TASK_FIELDS; alpha, beta and up_alpha as the bits of a double), scratch = the worker's own memory
 # (>= task_scratch_bytes), holding its packed panels. It runs without the GIL (threads.py).
 TASK_FIELDS = ("njobs", "jobs", "rsa", "csa", "rsb", "csb", "ldc", "alpha", "beta", "b_packed",
-               "epi_args", "side", "rank", "up_alpha")
+               "epi_args", "side", "rank", "up_alpha", "claim", "cbuf")
 
 
 def task_scratch_bytes(cfg: GemmConfig) -> int:
@@ -639,13 +652,15 @@ def render_task(cfg: GemmConfig, name: str, jobs: str) -> str:
     words = {f: w.load("i64", w.gep("%args", str(i), "i64"), 8) for i, f in enumerate(TASK_FIELDS)}
     scalars = {f: w.value(f"fptrunc double {w.value(f'bitcast i64 {words[f]} to double')} to "
                           f"float") for f in ("alpha", "beta", "up_alpha")}
-    ptrs = {f: w.value(f"inttoptr i64 {words[f]} to ptr") for f in ("jobs", "epi_args", "side")}
+    ptrs = {f: w.value(f"inttoptr i64 {words[f]} to ptr")
+            for f in ("jobs", "epi_args", "side", "claim", "cbuf")}
     bpack = w.gep("%scratch", str(_a_pack_bytes(cfg)), "i8")
     w.emit(f"call void @{jobs}(i64 {words['njobs']}, ptr {ptrs['jobs']}, i64 {words['rsa']}, "
            f"i64 {words['csa']}, i64 {words['rsb']}, i64 {words['csb']}, i64 {words['ldc']}, "
            f"float {scalars['alpha']}, float {scalars['beta']}, ptr %scratch, ptr {bpack}, "
            f"i64 {words['b_packed']}, ptr {ptrs['epi_args']}, ptr {ptrs['side']}, "
-           f"i64 {words['rank']}, float {scalars['up_alpha']})")
+           f"i64 {words['rank']}, float {scalars['up_alpha']}, ptr {ptrs['claim']}, "
+           f"ptr {ptrs['cbuf']})")
     return w.text()
 
 
@@ -706,7 +721,7 @@ _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _DRIVER_TYPES = [_I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _F32, _F32,
                  _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _F32, _PTR, _PTR]
 _JOBS_TYPES = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _PTR, _PTR, _I64, _PTR,
-               _PTR, _I64, _F32]
+               _PTR, _I64, _F32, _PTR, _PTR]
 
 
 @dataclass
@@ -736,11 +751,16 @@ class GemmKernel:
     def run_jobs(self, njobs: int, jobs: int, a_strides: tuple[int, int],
                  b_strides: tuple[int, int], ldc: int, alpha: float, beta: float, apack: int,
                  bpack: int, b_packed: bool, epi_args: int,
-                 low_rank: tuple[int, int, float] = (0, 0, 0.0)) -> None:
-        """The driver on `njobs` records (JOB_FIELDS + column operands) at address `jobs`;
-        `low_rank` = (side panels address, rank, up_alpha), rank 0 for none."""
+                 low_rank: tuple[int, int, float] = (0, 0, 0.0), claim: int = 0,
+                 cbuf: int = 0) -> None:
+        """The driver on the `njobs` records (JOB_FIELDS + column operands) at address `jobs`
+        whose indices this thread claims from the i64 counter at `claim` (`render_jobs`; a
+        zeroed counter of the call's own when 0); `low_rank` = (side panels address, rank,
+        up_alpha), rank 0 for none; `cbuf`: a C for every record, or 0."""
+        counter = ctypes.c_int64(0)  # kept alive through the call
+        claim = claim or ctypes.addressof(counter)
         self.jobs_fn(njobs, jobs, *a_strides, *b_strides, ldc, alpha, beta, apack, bpack,
-                     int(b_packed), epi_args, *low_rank)
+                     int(b_packed), epi_args, *low_rank, claim, cbuf)
 
 
 _kernels: dict[tuple, GemmKernel] = {}

@@ -2,10 +2,12 @@
 batched (`batched_sgemm`), dual (`dual_sgemm`: two GEMMs on the same rows as one), and
 `prepack_b` / `pack_dual` for constant weights.
 
-Each thread of the core pool (pool.py) gets a list of job records (a block of C of one matrix
-each, see gemm.JOB_FIELDS) and runs them with one native call, with its own packed-panel
-buffers: the caller's share through ctypes (which releases the GIL), the workers' as native
-tasks (`NativeTask`), so the threads really run in parallel.
+A launch is a list of independent job records (a block of C of one matrix each, see
+gemm.JOB_FIELDS). Each thread of the core pool (pool.py) runs one native call that claims
+records from the launch's shared counter until none is left, with its own packed-panel buffers:
+the caller's call through ctypes (which releases the GIL), the workers' as native tasks
+(`NativeTask`), so the threads really run in parallel, and a core slowed by a neighbour on a
+shared machine takes fewer records instead of holding up the launch.
 """
 from __future__ import annotations
 
@@ -172,17 +174,37 @@ def _elements(strides: tuple[int, ...]) -> tuple[int, ...]:
 
 def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alpha: float,
            beta: float, epi_args: int, low_rank: tuple[int, int, float] = (0, 0, 0.0),
-           keep: tuple = ()) -> None:
-    """Run each thread's job records with one native call, the first list in this thread.
-    `low_rank`: (packed side columns' address, rank, up_alpha) of a LoRA branch, or zeros.
-    `keep`: buffers of this launch's own that the records point into (a LoRA branch's T).
+           keep: tuple = (), cbufs: list[int] | None = None, threads: int | None = None) -> None:
+    """Run the job records of `plan` (per thread, its planned share) on as many threads as the
+    plan has non-empty shares (or `threads`, at most one per record), the first in this
+    thread. The threads claim records from one counter, in the shares' round-robin order
+    (`_round_robin`): each starts on its own share, and a core that a neighbour slows down (a
+    shared VM) takes fewer records instead of holding up the launch. Every record must be
+    independent of the others: they run in any order, on any thread. `low_rank`: (packed side
+    columns' address, rank, up_alpha) of a LoRA branch, or zeros. `keep`: buffers of this
+    launch's own that the records point into (a LoRA branch's T). `cbufs`: per thread, a C
+    replacing every record's (`dual_sgemm`'s scratch), or None.
     Inside `recording()`, the prepared call is also handed to the recorder (for replay)."""
-    run = _Launch(kernel, layout, [records for records in plan if len(records)], alpha, beta,
-                  epi_args, low_rank, keep)
+    shares = [records for records in plan if len(records)]
+    jobs = _round_robin(shares)
+    run = _Launch(kernel, layout, jobs, min(threads or len(shares), len(jobs)), alpha, beta,
+                  epi_args, low_rank, keep, cbufs)
     calls = getattr(_local, "recorded", None)
     if calls is not None:
         calls.append(run)
     run()
+
+
+def _round_robin(shares: list) -> np.ndarray:
+    """The records of every share as one [n, record] array: the first of each share, then the
+    second of each, ..."""
+    if not shares:
+        return np.zeros((0, len(JOB_FIELDS)), np.int64)
+    rows = [np.asarray(share, np.int64).reshape(len(share), -1) for share in shares]
+    if len(rows) == 1:
+        return np.ascontiguousarray(rows[0])
+    position = np.concatenate([np.arange(len(r)) for r in rows])
+    return np.ascontiguousarray(np.concatenate(rows)[np.argsort(position, kind="stable")])
 
 
 class _Launch:
@@ -190,40 +212,45 @@ class _Launch:
     over the same addresses (a launcher replays it while its operands are at the same addresses
     with the same layouts)."""
 
-    def __init__(self, kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]],
+    def __init__(self, kernel: GemmKernel, layout: _Layout, jobs: np.ndarray, threads: int,
                  alpha: float, beta: float, epi_args: int, low_rank: tuple[int, int, float],
-                 keep: tuple = ()):
-        self.kernel, self.layout, self.keep = kernel, layout, keep
+                 keep: tuple = (), cbufs: list[int] | None = None):
+        self.kernel, self.layout, self.keep, self.jobs = kernel, layout, keep, jobs
         self.alpha, self.beta, self.epi_args, self.low_rank = alpha, beta, epi_args, low_rank
-        self.jobs = [np.array(records, np.int64) for records in plan]
-        self.tasks = [self._task(jobs) for jobs in self.jobs[1:]]
+        self.cbufs = cbufs or [0] * threads
+        self.claim = _aligned(16).view(np.int64)  # the shared counter, on a line of its own
+        self.tasks = [self._task(t) for t in range(1, threads)]
 
     def __call__(self) -> None:
-        if not self.jobs:
+        if not len(self.jobs):
             return
+        self.claim[0] = 0
         if not self.tasks:
             self._work()
             return
         pool().run([self._work, *self.tasks])
 
     def _work(self) -> None:
-        """The first job list, in this thread, with this thread's pack buffers."""
-        jobs, layout = self.jobs[0], self.layout
+        """Thread 0's claims, in this thread, with this thread's pack buffers."""
+        layout = self.layout
         _, (apack, bpack) = _thread_buffers(self.kernel.config)
-        self.kernel.run_jobs(len(jobs), jobs.ctypes.data, layout.a_strides, layout.b_strides,
-                             layout.ldc, self.alpha, self.beta, apack, bpack, layout.b_packed,
-                             self.epi_args, self.low_rank)
+        self.kernel.run_jobs(len(self.jobs), self.jobs.ctypes.data, layout.a_strides,
+                             layout.b_strides, layout.ldc, self.alpha, self.beta, apack, bpack,
+                             layout.b_packed, self.epi_args, self.low_rank,
+                             self.claim.ctypes.data, self.cbufs[0])
 
-    def _task(self, jobs: np.ndarray) -> NativeTask:
-        """A job list for a worker to run natively (no Python, no GIL between the jobs)."""
+    def _task(self, thread: int) -> NativeTask:
+        """Thread `thread`'s claims, for a worker to run natively (no Python, no GIL between
+        the jobs)."""
         layout, (side, rank, up_alpha) = self.layout, self.low_rank
-        args = np.array([len(jobs), jobs.ctypes.data, *layout.a_strides, *layout.b_strides,
-                         layout.ldc, 0, 0, int(layout.b_packed), self.epi_args, side, rank, 0],
-                        np.int64)
+        args = np.array([len(self.jobs), self.jobs.ctypes.data, *layout.a_strides,
+                         *layout.b_strides, layout.ldc, 0, 0, int(layout.b_packed),
+                         self.epi_args, side, rank, 0, self.claim.ctypes.data,
+                         self.cbufs[thread]], np.int64)
         for f, value in (("alpha", self.alpha), ("beta", self.beta), ("up_alpha", up_alpha)):
             args[TASK_FIELDS.index(f):TASK_FIELDS.index(f) + 1].view(np.float64)[:] = value
         return NativeTask(self.kernel.task_address, args.ctypes.data,
-                          task_scratch_bytes(self.kernel.config), (jobs, args))
+                          task_scratch_bytes(self.kernel.config), (self.jobs, self.claim, args))
 
 
 @contextlib.contextmanager
@@ -328,12 +355,26 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
     ptrs = (a.ctypes.data, _data(b).ctypes.data, out.ctypes.data)
     pcols = [c.ctypes.data for c in cols]
     blocks = partition(m, n, k, kernel.config, threads or cpu_threads(), isinstance(b, PackedB))
-    branch = _low_rank_jobs(low_rank, blocks, (k, n), kernel, epilogue)
-    plan = [[layout.job(block, k, ptrs, (row0, col0), pcols, job)]
-            for block, job in zip(blocks, branch.jobs)]
+    shares = [_row_chunks(block, kernel.config) if isinstance(b, PackedB) and len(blocks) > 1
+              else [block] for block in blocks]
+    branch = _low_rank_jobs(low_rank, [c for share in shares for c in share], (k, n), kernel,
+                            epilogue)
+    per_chunk = iter(branch.jobs)
+    plan = [[layout.job(chunk, k, ptrs, (row0, col0), pcols, next(per_chunk)) for chunk in share]
+            for share in shares]
     launch(kernel, layout, plan, alpha, beta, _address(epi_args), branch.shared,
            tuple(branch.buffers))
     return out
+
+
+def _row_chunks(block: tuple[int, ...], cfg: GemmConfig) -> list[tuple[int, ...]]:
+    """A thread's block of C as jobs of at most MC rows (whole MR tiles), for the threads to
+    claim: with B prepacked a job repacks nothing another job packs (each MC-row block of A is
+    packed once either way), so finer jobs only balance the cores."""
+    m0, m1, n0, n1 = block
+    parts = -(-(m1 - m0) // cfg.mc)
+    return [(m0 + r0, m0 + r1, n0, n1)
+            for r0, r1 in pairwise(_tile_bounds(m1 - m0, cfg.mr, parts))]
 
 
 @dataclass(frozen=True)
@@ -520,7 +561,8 @@ def dual_sgemm(x: np.ndarray, w: PackedB, offsets: np.ndarray | None, *, out: np
     `offsets` [E+1] as in `grouped_sgemm`, or [1] for a plain matmul with offsets None): each
     finished block of the [rows, 2N] product goes to the tile epilogue (rendered with its
     `sibling`), which writes its result into out [M, N]. The product lives only in a per-thread
-    scratch of MC rows: every job is one MC-row block, computed, then consumed in L2."""
+    scratch of MC rows (`cbufs`): every job is one block of at most MC rows, computed, then
+    consumed in L2, on whichever thread claims it."""
     x = _as_f32(x)
     (n_experts,), d, width = w.batch, w.k, w.n
     m = x.shape[0]
@@ -536,18 +578,17 @@ def dual_sgemm(x: np.ndarray, w: PackedB, offsets: np.ndarray | None, *, out: np
     threads = _useful_threads(m * width * d, cfg, threads or cpu_threads())
     scratch = _scratch_slots(threads, cfg.mc * ldc)
     layout = _Layout(_elements(x.strides), (0, 0), ldc, True)
-    plan: list[list[list[int]]] = [[] for _ in range(threads)]
-    for i, (lo, hi, e) in enumerate(_pieces(bounds, m)):
-        parts = min(threads, -(-(hi - lo) // cfg.mr))
-        for t, (r0, r1) in enumerate(pairwise(_tile_bounds(hi - lo, cfg.mr, parts))):
-            slot = (t + i) % threads  # each piece's larger share goes to another thread
-            for c0 in range(lo + r0, lo + r1, cfg.mc):
-                rows = min(lo + r1, c0 + cfg.mc) - c0
-                ptrs = (x.ctypes.data + c0 * x.strides[0],
-                        w.data.ctypes.data + (e or 0) * w.data.strides[0], scratch[slot])
-                plan[slot].append(layout.job((0, rows, 0, width), 0 if e is None else d, ptrs,
-                                             (c0, 0), []))
-    launch(kernel, layout, plan, 1.0, 0.0, _address(epi_args))
+    jobs = []
+    for lo, hi, e in _pieces(bounds, m):
+        # Jobs of at most MC rows, at least `threads` per piece: the threads claim them.
+        parts = max(min(threads, -(-(hi - lo) // cfg.mr)), -(-(hi - lo) // cfg.mc))
+        for r0, r1 in pairwise(_tile_bounds(hi - lo, cfg.mr, parts)):
+            ptrs = (x.ctypes.data + (lo + r0) * x.strides[0],
+                    w.data.ctypes.data + (e or 0) * w.data.strides[0], 0)
+            jobs.append(layout.job((0, r1 - r0, 0, width), 0 if e is None else d, ptrs,
+                                   (lo + r0, 0), []))
+    # Each thread's C is its own scratch (the records' C is replaced).
+    launch(kernel, layout, [jobs], 1.0, 0.0, _address(epi_args), cbufs=scratch, threads=threads)
     return out
 
 
@@ -561,7 +602,7 @@ def _pieces(bounds: list[int], m: int) -> list[tuple[int, int, int | None]]:
 
 def _scratch_slots(n: int, floats: int) -> list[int]:
     """Addresses of n scratch buffers of >= `floats` floats, kept by the calling thread (one per
-    job list of a launch, which its threads fill at the same time)."""
+    thread of a launch, which its threads fill at the same time)."""
     slots = getattr(_local, "dual_scratch", None)
     if slots is None or len(slots) < n or slots[0].size < floats:
         slots = _local.dual_scratch = [_aligned(floats) for _ in range(n)]
