@@ -74,6 +74,8 @@ def _useful_threads(macs: int, cfg: GemmConfig, threads: int) -> int:
 # VL elements, against 2 FMAs of VL lanes per cycle); `split_block` weighs duplicated packing
 # against uneven compute with it.
 PACK_MACS = 4
+# The narrowest job `sgemm` cuts from a thread's block of C when B is not prepacked (`_chunks`).
+CHUNK_COLS = 512
 
 
 def _tile_bounds(size: int, step: int, parts: int) -> list[int]:
@@ -355,7 +357,7 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
     ptrs = (a.ctypes.data, _data(b).ctypes.data, out.ctypes.data)
     pcols = [c.ctypes.data for c in cols]
     blocks = partition(m, n, k, kernel.config, threads or cpu_threads(), isinstance(b, PackedB))
-    shares = [_row_chunks(block, kernel.config) if isinstance(b, PackedB) and len(blocks) > 1
+    shares = [_chunks(block, kernel.config, isinstance(b, PackedB)) if len(blocks) > 1
               else [block] for block in blocks]
     branch = _low_rank_jobs(low_rank, [c for share in shares for c in share], (k, n), kernel,
                             epilogue)
@@ -367,14 +369,19 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
     return out
 
 
-def _row_chunks(block: tuple[int, ...], cfg: GemmConfig) -> list[tuple[int, ...]]:
-    """A thread's block of C as jobs of at most MC rows (whole MR tiles), for the threads to
-    claim: with B prepacked a job repacks nothing another job packs (each MC-row block of A is
-    packed once either way), so finer jobs only balance the cores."""
+def _chunks(block: tuple[int, ...], cfg: GemmConfig, b_packed: bool) -> list[tuple[int, ...]]:
+    """A thread's block of C as several jobs for the threads to claim, cut where that repacks
+    little: with B prepacked, into jobs of at most MC rows (whole MR tiles; each MC-row block of
+    A is packed once either way); else into jobs of at least CHUNK_COLS columns (whole NR
+    panels), each of which packs its own columns of B and its block's rows of A again (A: 1/512
+    of the job's multiply-adds)."""
     m0, m1, n0, n1 = block
-    parts = -(-(m1 - m0) // cfg.mc)
-    return [(m0 + r0, m0 + r1, n0, n1)
-            for r0, r1 in pairwise(_tile_bounds(m1 - m0, cfg.mr, parts))]
+    if b_packed:
+        parts = -(-(m1 - m0) // cfg.mc)
+        return [(m0 + r0, m0 + r1, n0, n1)
+                for r0, r1 in pairwise(_tile_bounds(m1 - m0, cfg.mr, parts))]
+    parts = max(1, (n1 - n0) // CHUNK_COLS)
+    return [(m0, m1, n0 + c0, n0 + c1) for c0, c1 in pairwise(_tile_bounds(n1 - n0, cfg.nr, parts))]
 
 
 @dataclass(frozen=True)
