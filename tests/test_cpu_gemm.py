@@ -196,25 +196,38 @@ def test_threads_claim_records_from_one_counter():
             _check(out[12:], a[12:], b, 0)
 
 
-def test_blocks_split_into_claimed_jobs():
-    """A thread's block becomes jobs that cover it exactly, for the threads to claim (a slowed
-    core takes fewer): with B prepacked, of <= MC rows of whole MR tiles; else of >= CHUNK_COLS
-    columns of whole NR panels."""
+def test_prepacked_rows_split_into_claimed_jobs():
+    """With B prepacked, a thread's block becomes jobs of <= MC rows of whole MR tiles that
+    cover it exactly, for the threads to claim (a slowed core takes fewer)."""
     for cfg in (SMALL_BLOCKS, default_config(HOST)):
         for m0, m1 in [(0, 1), (6, 7), (0, 600), (12, 1000)]:
-            chunks = cpu_threads._chunks((m0, m1, 0, 48), cfg, True)
+            chunks = cpu_threads._row_chunks((m0, m1, 0, 48), cfg)
             assert chunks[0][0] == m0 and chunks[-1][1] == m1
             assert all(c[1] == d[0] for c, d in pairwise(chunks))
             assert all(0 < c[1] - c[0] <= cfg.mc and (c[0] - m0) % cfg.mr == 0 for c in chunks)
             assert len(chunks) == -(-(m1 - m0) // cfg.mc)
-        for n0, n1 in [(0, 5), (cfg.nr, 1000), (0, 2048), (512, 4100)]:
-            chunks = cpu_threads._chunks((0, 100, n0, n1), cfg, False)
-            assert chunks[0][2] == n0 and chunks[-1][3] == n1
-            assert all(c[3] == d[2] for c, d in pairwise(chunks))
-            assert all((c[2] - n0) % cfg.nr == 0 for c in chunks)
-            assert len(chunks) == max(1, (n1 - n0) // cpu_threads.CHUNK_COLS)
-            assert len(chunks) == 1 or min(c[3] - c[2] for c in chunks) >= \
-                cpu_threads.CHUNK_COLS - cfg.nr
+
+
+def test_multithreaded_gemm_packs_b_once_and_replays_current_b(monkeypatch):
+    """On several threads an unpacked B is packed once per run (a launch's prologue, into the
+    launch's own buffer): a replayed launch sees B's new values, also after other GEMMs ran."""
+    monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    rng, seed = _rng()
+    a, b, out = _rand(rng, 130, 70), _rand(rng, 70, 90), np.empty((130, 90), np.float32)
+    with cpu_threads.recording() as calls:
+        sgemm(a, b, out=out, threads=2, config=SMALL_BLOCKS)
+    _check(out, a, b, seed)
+    (run,) = calls
+    assert run.prologue is not None and len(run.jobs) > 2
+    big = _rand(rng, 70, 300)
+    _check(sgemm(a, big, threads=2, config=SMALL_BLOCKS), a, big, seed)
+    b[:] = _rand(rng, 70, 90)
+    run()
+    _check(out, a, b, seed)
+    _check(sgemm(a, b.T.copy(), trans_b=True, threads=2), a, b, seed)
+    _check(sgemm(a, np.zeros((70, 0), np.float32), threads=2), a, np.zeros((70, 0)), seed)
+    empty_k = sgemm(a[:, :0], b[:0], threads=2)
+    assert (empty_k == 0).all()
 
 
 @pytest.mark.skipif(not host_target().has_avx512, reason="host already runs the AVX2 path")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise, product
 
@@ -74,8 +75,6 @@ def _useful_threads(macs: int, cfg: GemmConfig, threads: int) -> int:
 # VL elements, against 2 FMAs of VL lanes per cycle); `split_block` weighs duplicated packing
 # against uneven compute with it.
 PACK_MACS = 4
-# The narrowest job `sgemm` cuts from a thread's block of C when B is not prepacked (`_chunks`).
-CHUNK_COLS = 512
 
 
 def _tile_bounds(size: int, step: int, parts: int) -> list[int]:
@@ -176,7 +175,8 @@ def _elements(strides: tuple[int, ...]) -> tuple[int, ...]:
 
 def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alpha: float,
            beta: float, epi_args: int, low_rank: tuple[int, int, float] = (0, 0, 0.0),
-           keep: tuple = (), cbufs: list[int] | None = None, threads: int | None = None) -> None:
+           keep: tuple = (), cbufs: list[int] | None = None, threads: int | None = None,
+           prologue: Callable[[], None] | None = None) -> None:
     """Run the job records of `plan` (per thread, its planned share) on as many threads as the
     plan has non-empty shares (or `threads`, at most one per record), the first in this
     thread. The threads claim records from one counter, in the shares' round-robin order
@@ -185,12 +185,13 @@ def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alp
     independent of the others: they run in any order, on any thread. `low_rank`: (packed side
     columns' address, rank, up_alpha) of a LoRA branch, or zeros. `keep`: buffers of this
     launch's own that the records point into (a LoRA branch's T). `cbufs`: per thread, a C
-    replacing every record's (`dual_sgemm`'s scratch), or None.
-    Inside `recording()`, the prepared call is also handed to the recorder (for replay)."""
+    replacing every record's (`dual_sgemm`'s scratch), or None. `prologue`: run first, each
+    time (`sgemm`'s packing of B). Inside `recording()`, the prepared call is also handed to
+    the recorder (for replay)."""
     shares = [records for records in plan if len(records)]
     jobs = _round_robin(shares)
     run = _Launch(kernel, layout, jobs, min(threads or len(shares), len(jobs)), alpha, beta,
-                  epi_args, low_rank, keep, cbufs)
+                  epi_args, low_rank, keep, cbufs, prologue)
     calls = getattr(_local, "recorded", None)
     if calls is not None:
         calls.append(run)
@@ -216,8 +217,10 @@ class _Launch:
 
     def __init__(self, kernel: GemmKernel, layout: _Layout, jobs: np.ndarray, threads: int,
                  alpha: float, beta: float, epi_args: int, low_rank: tuple[int, int, float],
-                 keep: tuple = (), cbufs: list[int] | None = None):
+                 keep: tuple = (), cbufs: list[int] | None = None,
+                 prologue: Callable[[], None] | None = None):
         self.kernel, self.layout, self.keep, self.jobs = kernel, layout, keep, jobs
+        self.prologue = prologue
         self.alpha, self.beta, self.epi_args, self.low_rank = alpha, beta, epi_args, low_rank
         self.cbufs = cbufs or [0] * threads
         self.claim = _aligned(16).view(np.int64)  # the shared counter, on a line of its own
@@ -226,6 +229,8 @@ class _Launch:
     def __call__(self) -> None:
         if not len(self.jobs):
             return
+        if self.prologue is not None:
+            self.prologue()
         self.claim[0] = 0
         if not self.tasks:
             self._work()
@@ -352,12 +357,21 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
     if bias is not None:
         epilogue = (ColumnBias(),) + tuple(epilogue)
     kernel = compile_gemm(config, tuple(epilogue), target, tile_epilogue)
+    threads = threads or cpu_threads()
+    blocks = partition(m, n, k, kernel.config, threads, isinstance(b, PackedB))
+    pack = None
+    if len(blocks) > 1 and not isinstance(b, PackedB):
+        # B packed once, on all cores, then the prepacked driver: every thread packing its own
+        # block of B measured 1.2-1.4x slower at 512^2-2048^2 on 2 threads (Zen 1), and the
+        # rows of a prepacked GEMM split into jobs the threads claim (`_row_chunks`).
+        pack = _PackOnce(b, kernel)
+        b, b_strides = pack.packed, (0, 0)
+        blocks = partition(m, n, k, kernel.config, threads, True)
     layout = _Layout(_elements(a.strides), b_strides, out.strides[0] // F32,
                      isinstance(b, PackedB))
     ptrs = (a.ctypes.data, _data(b).ctypes.data, out.ctypes.data)
     pcols = [c.ctypes.data for c in cols]
-    blocks = partition(m, n, k, kernel.config, threads or cpu_threads(), isinstance(b, PackedB))
-    shares = [_chunks(block, kernel.config, isinstance(b, PackedB)) if len(blocks) > 1
+    shares = [_row_chunks(block, kernel.config) if isinstance(b, PackedB) and len(blocks) > 1
               else [block] for block in blocks]
     branch = _low_rank_jobs(low_rank, [c for share in shares for c in share], (k, n), kernel,
                             epilogue)
@@ -365,23 +379,33 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
     plan = [[layout.job(chunk, k, ptrs, (row0, col0), pcols, next(per_chunk)) for chunk in share]
             for share in shares]
     launch(kernel, layout, plan, alpha, beta, _address(epi_args), branch.shared,
-           tuple(branch.buffers))
+           tuple(branch.buffers), prologue=pack)
     return out
 
 
-def _chunks(block: tuple[int, ...], cfg: GemmConfig, b_packed: bool) -> list[tuple[int, ...]]:
-    """A thread's block of C as several jobs for the threads to claim, cut where that repacks
-    little: with B prepacked, into jobs of at most MC rows (whole MR tiles; each MC-row block of
-    A is packed once either way); else into jobs of at least CHUNK_COLS columns (whole NR
-    panels), each of which packs its own columns of B and its block's rows of A again (A: 1/512
-    of the job's multiply-adds)."""
+class _PackOnce:
+    """B's panels for one launch, packed from B at the start of every run of it (a replayed
+    launch reads B's current values), into a buffer of the launch's own (launches of
+    executables called from other threads may run at the same time)."""
+
+    def __init__(self, b: np.ndarray, kernel: GemmKernel):
+        self.b, self.kernel = b, kernel
+        k, n = b.shape
+        panels = _aligned(max(1, -(-n // kernel.config.nr) * kernel.config.nr * k))
+        self.packed = PackedB(panels[:panels.size if k else 0], k, n, kernel.config)
+
+    def __call__(self) -> None:
+        prepack_b(self.b, kernel=self.kernel, out=self.packed.data)
+
+
+def _row_chunks(block: tuple[int, ...], cfg: GemmConfig) -> list[tuple[int, ...]]:
+    """A thread's block of C (B prepacked) as jobs of at most MC rows of whole MR tiles, for
+    the threads to claim: each MC-row block of A is packed once either way, so finer jobs only
+    balance the cores."""
     m0, m1, n0, n1 = block
-    if b_packed:
-        parts = -(-(m1 - m0) // cfg.mc)
-        return [(m0 + r0, m0 + r1, n0, n1)
-                for r0, r1 in pairwise(_tile_bounds(m1 - m0, cfg.mr, parts))]
-    parts = max(1, (n1 - n0) // CHUNK_COLS)
-    return [(m0, m1, n0 + c0, n0 + c1) for c0, c1 in pairwise(_tile_bounds(n1 - n0, cfg.nr, parts))]
+    parts = -(-(m1 - m0) // cfg.mc)
+    return [(m0 + r0, m0 + r1, n0, n1)
+            for r0, r1 in pairwise(_tile_bounds(m1 - m0, cfg.mr, parts))]
 
 
 @dataclass(frozen=True)
@@ -462,10 +486,12 @@ def _column_operands(bias, n: int, epilogue) -> list[np.ndarray]:
 
 
 def prepack_b(b: np.ndarray, trans_b: bool = False, config: GemmConfig | None = None,
-              target: HostTarget | None = None, kernel: GemmKernel | None = None) -> PackedB:
+              target: HostTarget | None = None, kernel: GemmKernel | None = None,
+              out: np.ndarray | None = None) -> PackedB:
     """B [K, N] ([N, K] with trans_b), or a stack [E, K, N] of expert weights, packed once into
     the panels of `config`'s kernel (default: the target's) for `sgemm` / `grouped_sgemm`.
-    `kernel`: a compiled GEMM of that config to pack with (saves compiling a plain one)."""
+    `kernel`: a compiled GEMM of that config to pack with (saves compiling a plain one).
+    `out`: a 64-byte aligned float32 buffer of exactly the packed size to pack into."""
     b = _as_f32(b)
     if b.ndim not in (2, 3):
         raise ShapeError(f"prepack_b takes [K, N] or [E, K, N], got {b.shape}")
@@ -475,7 +501,10 @@ def prepack_b(b: np.ndarray, trans_b: bool = False, config: GemmConfig | None = 
     cfg = kernel.config
     *batch, k, n = b.shape
     panels = -(-n // cfg.nr) * cfg.nr * k
-    data = _aligned(int(np.prod(batch, dtype=np.int64)) * panels).reshape(*batch, panels)
+    size = int(np.prod(batch, dtype=np.int64)) * panels
+    if out is not None and out.size != size:
+        raise ShapeError(f"prepack_b: out holds {out.size} floats, the panels {size}")
+    data = (_aligned(size) if out is None else out).reshape(*batch, panels)
     rsb, csb = _elements(b.strides[-2:])
     # Column ranges on panel boundaries, packed on all cores: a weight read across its rows
     # (torch's [N, K] layout) packs at ~0.5 GB/s per core, the GPT block's 12 MB in ~20 ms.
