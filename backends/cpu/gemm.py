@@ -757,7 +757,7 @@ class GemmKernel:
         whose indices this thread claims from the i64 counter at `claim` (`render_jobs`; a
         zeroed counter of the call's own when 0); `low_rank` = (side panels address, rank,
         up_alpha), rank 0 for none; `cbuf`: a C for every record, or 0."""
-        counter = ctypes.c_int64(0)  # kept alive through the call
+        counter = None if claim else ctypes.c_int64(0)  # kept alive through the call
         claim = claim or ctypes.addressof(counter)
         self.jobs_fn(njobs, jobs, *a_strides, *b_strides, ldc, alpha, beta, apack, bpack,
                      int(b_packed), epi_args, *low_rank, claim, cbuf)

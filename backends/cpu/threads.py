@@ -391,8 +391,7 @@ class _PackOnce:
     def __init__(self, b: np.ndarray, kernel: GemmKernel):
         self.b, self.kernel = b, kernel
         k, n = b.shape
-        panels = _aligned(max(1, -(-n // kernel.config.nr) * kernel.config.nr * k))
-        self.packed = PackedB(panels[:panels.size if k else 0], k, n, kernel.config)
+        self.packed = PackedB(_aligned(_panel_floats(k, n, kernel.config)), k, n, kernel.config)
 
     def __call__(self) -> None:
         prepack_b(self.b, kernel=self.kernel, out=self.packed.data)
@@ -485,6 +484,11 @@ def _column_operands(bias, n: int, epilogue) -> list[np.ndarray]:
     return cols
 
 
+def _panel_floats(k: int, n: int, cfg: GemmConfig) -> int:
+    """Floats of one [K, N] matrix packed as whole NR-column panels, K deep."""
+    return -(-n // cfg.nr) * cfg.nr * k
+
+
 def prepack_b(b: np.ndarray, trans_b: bool = False, config: GemmConfig | None = None,
               target: HostTarget | None = None, kernel: GemmKernel | None = None,
               out: np.ndarray | None = None) -> PackedB:
@@ -500,7 +504,7 @@ def prepack_b(b: np.ndarray, trans_b: bool = False, config: GemmConfig | None = 
     kernel = kernel or compile_gemm(config, (), target)
     cfg = kernel.config
     *batch, k, n = b.shape
-    panels = -(-n // cfg.nr) * cfg.nr * k
+    panels = _panel_floats(k, n, cfg)
     size = int(np.prod(batch, dtype=np.int64)) * panels
     if out is not None and out.size != size:
         raise ShapeError(f"prepack_b: out holds {out.size} floats, the panels {size}")
