@@ -183,7 +183,7 @@ def test_threads_claim_records_from_one_counter():
         ptrs = (a.ctypes.data, b.ctypes.data, out.ctypes.data)
         jobs = np.array([layout.job(block, 20, ptrs, (0, 0), []) for block in
                          [(0, 12, 0, 40), (12, 24, 0, 40), (24, 30, 0, 40)]], np.int64)
-        counter = np.array([1 if not own_c else 2], np.int64)  # taken by another thread
+        counter = np.array([1 if not own_c else 2, 0], np.int64)  # taken by another thread
         kernel.run_jobs(len(jobs), jobs.ctypes.data, layout.a_strides, layout.b_strides, 40,
                         1.0, 0.0, apack.ctypes.data, bpack.ctypes.data, False, 0,
                         claim=counter.ctypes.data, cbuf=scratch.ctypes.data if own_c else 0)
@@ -209,8 +209,9 @@ def test_prepacked_rows_split_into_claimed_jobs():
 
 
 def test_multithreaded_gemm_packs_b_once_and_replays_current_b(monkeypatch):
-    """On several threads an unpacked B is packed once per run (a launch's prologue, into the
-    launch's own buffer): a replayed launch sees B's new values, also after other GEMMs ran."""
+    """On several threads an unpacked B is packed once per run (pack records the threads
+    claim before the job records, into the launch's own buffer): a replayed launch sees B's new
+    values, also after other GEMMs ran; a temporary B is kept alive through the launch."""
     monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
     rng, seed = _rng()
     a, b, out = _rand(rng, 130, 70), _rand(rng, 70, 90), np.empty((130, 90), np.float32)
@@ -218,7 +219,8 @@ def test_multithreaded_gemm_packs_b_once_and_replays_current_b(monkeypatch):
         sgemm(a, b, out=out, threads=2, config=SMALL_BLOCKS)
     _check(out, a, b, seed)
     (run,) = calls
-    assert run.prologue is not None and len(run.jobs) > 2
+    assert run.npack == 4 and len(run.jobs) > run.npack + 2  # two column ranges per thread
+    assert run.claim[1] == run.npack  # every pack record ran, once
     big = _rand(rng, 70, 300)
     _check(sgemm(a, big, threads=2, config=SMALL_BLOCKS), a, big, seed)
     b[:] = _rand(rng, 70, 90)

@@ -32,7 +32,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .irtext import FunctionWriter, fconst, vec
-from .jit import HostTarget, JitError, default_engine
+from .jit import HostTarget, JitError, default_engine, spin_pause
 
 PTR_ALIGN = 64  # packed buffers are allocated 64-byte aligned (see threads.py)
 # The tile epilogue runs once per finished block of MC rows x this many columns (rounded to
@@ -41,6 +41,9 @@ PTR_ALIGN = 64  # packed buffers are allocated 64-byte aligned (see threads.py)
 EPILOGUE_COLS = 256
 # A job record of the batch entry (`render_jobs`): i64 words, then one pointer per column operand.
 JOB_FIELDS = ("m", "n", "k", "a", "b", "c", "row0", "col0", "up", "tbuf")
+# A pack record, ahead of the job records of a launch (same width, zero padded): NR-column
+# panels of B's columns [c0, c0 + n), read at `b` with strides (rsb, csb), written at `dst`.
+PACK_FIELDS = ("b", "rsb", "csb", "k", "n", "dst")
 # The tile epilogue's parameters: (c, ldc, row0, col0, mr, nr, args), see `TileEpilogue`.
 TILE_EPILOGUE_TYPES = ("ptr", "i64", "i64", "i64", "i64", "i64", "ptr")
 
@@ -592,23 +595,27 @@ def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block
                        f"i1 false, float %up_alpha, float {fconst(1.0)}, ptr {up}{col_args})")
 
 
-JOBS_ARGS = ("i64 %njobs, ptr %jobs, i64 %rsa, i64 %csa, i64 %rsb, i64 %csb, i64 %ldc, "
+JOBS_ARGS = ("i64 %njobs, i64 %npack, ptr %jobs, i64 %rsa, i64 %csa, i64 %rsb, i64 %csb, i64 %ldc, "
              "float %alpha, float %beta, ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, "
              "ptr %side, i64 %rank, float %up_alpha, ptr %claim, ptr %cbuf")
 
 
-def render_jobs(name: str, driver: str, n_cols: int) -> str:
+def render_jobs(name: str, names: dict[str, str], n_cols: int) -> str:
     """`name(JOBS_ARGS)`: the driver on records (JOB_FIELDS + column operand pointers, i64
     words) with shared strides: one native call runs a thread's share of a GEMM launch, instead
     of one Python call per matrix. The thread claims record indices from the i64 counter at
     `claim` (atomically) until one is >= `njobs`: with a counter of its own it runs a static
     list; with one counter shared by every thread of a launch, a core that a neighbour slows
-    down takes fewer records. `cbuf`, unless null, replaces every record's C (a per-thread
-    scratch C that the tile epilogue consumes, `threads.dual_sgemm`)."""
+    down takes fewer records. The first `npack` records are PACK_FIELDS: B packed on every
+    core, in the same hand-off as the multiply (a pool dispatch of its own cost 5-10 % of a
+    512^2 GEMM); `claim[1]` counts the finished ones, and a thread waits for all of them before
+    its first job record. `cbuf`, unless null, replaces every record's C (a per-thread scratch C
+    that the tile epilogue consumes, `threads.dual_sgemm`)."""
     width = len(JOB_FIELDS) + n_cols
     w = FunctionWriter(f"void @{name}({JOBS_ARGS})")
     cond, body, done = w.label("claim.cond"), w.label("claim.body"), w.label("claim.end")
     own_c = w.value("icmp eq ptr %cbuf, null")
+    packed = w.gep("%claim", "1", "i64")
     w.emit(f"br label %{cond}")
     w.block(cond)
     job = w.value("atomicrmw add ptr %claim, i64 1 monotonic, align 8", "job")
@@ -616,25 +623,47 @@ def render_jobs(name: str, driver: str, n_cols: int) -> str:
     w.block(body)
     rec = w.gep("%jobs", w.op("mul", job, str(width)), "i64")
     words = [w.load("i64", w.gep(rec, str(i), "i64"), 8) for i in range(width)]
-    m, n, k, a, b, c, row0, col0, up, tbuf = words[:len(JOB_FIELDS)]
-    a, b, c, up, tbuf, *cols = (w.value(f"inttoptr i64 {x} to ptr")
-                                for x in [a, b, c, up, tbuf, *words[len(JOB_FIELDS):]])
-    c = w.value(f"select i1 {own_c}, ptr {c}, ptr %cbuf")
-    w.emit(f"call void @{driver}(i64 {m}, i64 {n}, i64 {k}, ptr {a}, i64 %rsa, i64 %csa, "
-           f"ptr {b}, i64 %rsb, i64 %csb, ptr {c}, i64 %ldc, float %alpha, float %beta, "
-           f"ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, i64 {row0}, i64 {col0}, "
-           f"ptr %side, i64 %rank, float %up_alpha, ptr {up}, ptr {tbuf}"
-           + "".join(f", ptr {p}" for p in cols) + ")")
+    with w.if_else(w.value(f"icmp slt i64 {job}, %npack"), "pack") as otherwise:
+        b, rsb, csb, k, n, dst = words[:len(PACK_FIELDS)]
+        b, dst = (w.value(f"inttoptr i64 {x} to ptr") for x in (b, dst))
+        w.emit(f"call void @{names['pack_b']}(ptr {b}, i64 {rsb}, i64 {csb}, i64 {k}, "
+               f"i64 {n}, ptr {dst})")
+        w.emit(f"atomicrmw add ptr {packed}, i64 1 release, align 8")
+        otherwise()
+        _wait_for(w, packed, "%npack")
+        m, n, k, a, b, c, row0, col0, up, tbuf = words[:len(JOB_FIELDS)]
+        a, b, c, up, tbuf, *cols = (w.value(f"inttoptr i64 {x} to ptr")
+                                    for x in [a, b, c, up, tbuf, *words[len(JOB_FIELDS):]])
+        c = w.value(f"select i1 {own_c}, ptr {c}, ptr %cbuf")
+        w.emit(f"call void @{names['entry']}(i64 {m}, i64 {n}, i64 {k}, ptr {a}, i64 %rsa, "
+               f"i64 %csa, ptr {b}, i64 %rsb, i64 %csb, ptr {c}, i64 %ldc, float %alpha, "
+               f"float %beta, ptr %apack, ptr %bpack, i64 %b_packed, ptr %epi_args, "
+               f"i64 {row0}, i64 {col0}, ptr %side, i64 %rank, float %up_alpha, ptr {up}, "
+               f"ptr {tbuf}" + "".join(f", ptr {p}" for p in cols) + ")")
     w.emit(f"br label %{cond}")
     w.block(done)
     return w.text()
 
 
+def _wait_for(w: FunctionWriter, counter: str, target: str) -> None:
+    """Spin until the i64 at `counter` reaches `target` (acquire: what the other threads wrote
+    before they counted is visible after)."""
+    poll, pause, ready = w.label("wait.poll"), w.label("wait.pause"), w.label("wait.ready")
+    w.emit(f"br label %{poll}")
+    w.block(poll)
+    now = w.value(f"load atomic i64, ptr {counter} acquire, align 8")
+    w.emit(f"br i1 {w.value(f'icmp sge i64 {now}, {target}')}, label %{ready}, label %{pause}")
+    w.block(pause)
+    w.emit(spin_pause()[1])
+    w.emit(f"br label %{poll}")
+    w.block(ready)
+
+
 # A pool worker's native task: `void @task(ptr %args, ptr %scratch)`, args = i64 words
 # (TASK_FIELDS; alpha, beta and up_alpha as the bits of a double), scratch = the worker's own memory
 # (>= task_scratch_bytes), holding its packed panels. It runs without the GIL (threads.py).
-TASK_FIELDS = ("njobs", "jobs", "rsa", "csa", "rsb", "csb", "ldc", "alpha", "beta", "b_packed",
-               "epi_args", "side", "rank", "up_alpha", "claim", "cbuf")
+TASK_FIELDS = ("njobs", "npack", "jobs", "rsa", "csa", "rsb", "csb", "ldc", "alpha", "beta",
+               "b_packed", "epi_args", "side", "rank", "up_alpha", "claim", "cbuf")
 
 
 def task_scratch_bytes(cfg: GemmConfig) -> int:
@@ -655,7 +684,8 @@ def render_task(cfg: GemmConfig, name: str, jobs: str) -> str:
     ptrs = {f: w.value(f"inttoptr i64 {words[f]} to ptr")
             for f in ("jobs", "epi_args", "side", "claim", "cbuf")}
     bpack = w.gep("%scratch", str(_a_pack_bytes(cfg)), "i8")
-    w.emit(f"call void @{jobs}(i64 {words['njobs']}, ptr {ptrs['jobs']}, i64 {words['rsa']}, "
+    w.emit(f"call void @{jobs}(i64 {words['njobs']}, i64 {words['npack']}, "
+           f"ptr {ptrs['jobs']}, i64 {words['rsa']}, "
            f"i64 {words['csa']}, i64 {words['rsb']}, i64 {words['csb']}, i64 {words['ldc']}, "
            f"float {scalars['alpha']}, float {scalars['beta']}, ptr %scratch, ptr {bpack}, "
            f"i64 {words['b_packed']}, ptr {ptrs['epi_args']}, ptr {ptrs['side']}, "
@@ -704,11 +734,11 @@ def render_gemm_module(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = (),
     n_cols = _n_column_operands(epilogue)
     parts = [f"; lmc fp32 GEMM {cfg}, epilogue {[op.tag for op in epilogue]}, tile epilogue "
              f"{tile_epilogue.name if tile_epilogue else None}",
-             INTRINSICS.format(vl=cfg.vl),
+             INTRINSICS.format(vl=cfg.vl) + spin_pause()[0],
              render_pack_a(cfg, names["pack_a"]), render_pack_b(cfg, names["pack_b"]),
              render_microkernel(cfg, names["ukernel"], epilogue),
              render_driver(cfg, names["entry"], names, n_cols, tile_epilogue),
-             render_jobs(names["jobs"], names["entry"], n_cols),
+             render_jobs(names["jobs"], names, n_cols),
              render_task(cfg, names["task"], names["jobs"])]
     if tile_epilogue is not None:
         parts.append(tile_epilogue.llvm_ir)
@@ -720,7 +750,7 @@ def render_gemm_module(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = (),
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _DRIVER_TYPES = [_I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _F32, _F32,
                  _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _F32, _PTR, _PTR]
-_JOBS_TYPES = [_I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _PTR, _PTR, _I64, _PTR,
+_JOBS_TYPES = [_I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _F32, _PTR, _PTR, _I64, _PTR,
                _PTR, _I64, _F32, _PTR, _PTR]
 
 
@@ -752,14 +782,15 @@ class GemmKernel:
                  b_strides: tuple[int, int], ldc: int, alpha: float, beta: float, apack: int,
                  bpack: int, b_packed: bool, epi_args: int,
                  low_rank: tuple[int, int, float] = (0, 0, 0.0), claim: int = 0,
-                 cbuf: int = 0) -> None:
-        """The driver on the `njobs` records (JOB_FIELDS + column operands) at address `jobs`
-        whose indices this thread claims from the i64 counter at `claim` (`render_jobs`; a
-        zeroed counter of the call's own when 0); `low_rank` = (side panels address, rank,
-        up_alpha), rank 0 for none; `cbuf`: a C for every record, or 0."""
-        counter = None if claim else ctypes.c_int64(0)  # kept alive through the call
+                 cbuf: int = 0, npack: int = 0) -> None:
+        """The driver on the `njobs` records (the first `npack` PACK_FIELDS, then JOB_FIELDS +
+        column operands) at address `jobs` whose indices this thread claims from the i64
+        counters at `claim` (`render_jobs`; zeroed counters of the call's own when 0);
+        `low_rank` = (side panels address, rank, up_alpha), rank 0 for none; `cbuf`: a C for
+        every record, or 0."""
+        counter = None if claim else (ctypes.c_int64 * 2)()  # kept alive through the call
         claim = claim or ctypes.addressof(counter)
-        self.jobs_fn(njobs, jobs, *a_strides, *b_strides, ldc, alpha, beta, apack, bpack,
+        self.jobs_fn(njobs, npack, jobs, *a_strides, *b_strides, ldc, alpha, beta, apack, bpack,
                      int(b_packed), epi_args, *low_rank, claim, cbuf)
 
 

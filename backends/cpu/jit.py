@@ -110,6 +110,14 @@ def host_target() -> HostTarget:
     return HostTarget(llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
 
 
+def spin_pause() -> tuple[str, str]:
+    """(declaration, instruction) of a spin-wait hint for this machine's LLVM IR: x86's PAUSE
+    (it spares the core's sibling and the memory order machine while a thread polls)."""
+    if llvm.get_process_triple().startswith(("x86_64", "i686")):
+        return "declare void @llvm.x86.sse2.pause()\n", "call void @llvm.x86.sse2.pause()"
+    return "", "fence seq_cst"
+
+
 def llvm_version() -> str:
     """llvmlite and LLVM versions, e.g. "llvmlite 0.50.0, LLVM 22.1.0": both shape object code."""
     return (f"llvmlite {llvmlite.__version__}, LLVM "

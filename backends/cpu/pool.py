@@ -166,12 +166,8 @@ class _Primitives:
     polls make a microsecond on this machine (measured once)."""
 
     def __init__(self) -> None:
-        import llvmlite.binding as llvm
-
-        from .jit import default_engine
-        x86 = llvm.get_process_triple().startswith(("x86_64", "i686"))
-        pause = "call void @llvm.x86.sse2.pause()" if x86 else "fence seq_cst"
-        decl = "declare void @llvm.x86.sse2.pause()\n" if x86 else ""
+        from .jit import default_engine, spin_pause
+        decl, pause = spin_pause()
         module = default_engine().add_ir("lmc_pool", decl + _POOL_IR.replace("PAUSE", pause))
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self.post = module.function("lmc_pool_post", None, ptr, i64, i64, i64, i64)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise, product
 
@@ -176,7 +175,7 @@ def _elements(strides: tuple[int, ...]) -> tuple[int, ...]:
 def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alpha: float,
            beta: float, epi_args: int, low_rank: tuple[int, int, float] = (0, 0, 0.0),
            keep: tuple = (), cbufs: list[int] | None = None, threads: int | None = None,
-           prologue: Callable[[], None] | None = None) -> None:
+           packs: list[list[int]] = ()) -> None:
     """Run the job records of `plan` (per thread, its planned share) on as many threads as the
     plan has non-empty shares (or `threads`, at most one per record), the first in this
     thread. The threads claim records from one counter, in the shares' round-robin order
@@ -185,13 +184,17 @@ def launch(kernel: GemmKernel, layout: _Layout, plan: list[list[list[int]]], alp
     independent of the others: they run in any order, on any thread. `low_rank`: (packed side
     columns' address, rank, up_alpha) of a LoRA branch, or zeros. `keep`: buffers of this
     launch's own that the records point into (a LoRA branch's T). `cbufs`: per thread, a C
-    replacing every record's (`dual_sgemm`'s scratch), or None. `prologue`: run first, each
-    time (`sgemm`'s packing of B). Inside `recording()`, the prepared call is also handed to
-    the recorder (for replay)."""
+    replacing every record's (`dual_sgemm`'s scratch), or None. `packs`: PACK_FIELDS records
+    the threads claim first, each run (`sgemm`'s packing of B; the job records wait for them).
+    Inside `recording()`, the prepared call is also handed to the recorder (for replay)."""
     shares = [records for records in plan if len(records)]
     jobs = _round_robin(shares)
+    if len(packs) and len(jobs):
+        width = jobs.shape[1]
+        jobs = np.concatenate([np.array([p + [0] * (width - len(p)) for p in packs], np.int64),
+                               jobs])
     run = _Launch(kernel, layout, jobs, min(threads or len(shares), len(jobs)), alpha, beta,
-                  epi_args, low_rank, keep, cbufs, prologue)
+                  epi_args, low_rank, keep, cbufs, len(packs) if len(jobs) else 0)
     calls = getattr(_local, "recorded", None)
     if calls is not None:
         calls.append(run)
@@ -217,21 +220,19 @@ class _Launch:
 
     def __init__(self, kernel: GemmKernel, layout: _Layout, jobs: np.ndarray, threads: int,
                  alpha: float, beta: float, epi_args: int, low_rank: tuple[int, int, float],
-                 keep: tuple = (), cbufs: list[int] | None = None,
-                 prologue: Callable[[], None] | None = None):
+                 keep: tuple = (), cbufs: list[int] | None = None, npack: int = 0):
         self.kernel, self.layout, self.keep, self.jobs = kernel, layout, keep, jobs
-        self.prologue = prologue
+        self.npack = npack
         self.alpha, self.beta, self.epi_args, self.low_rank = alpha, beta, epi_args, low_rank
         self.cbufs = cbufs or [0] * threads
-        self.claim = _aligned(16).view(np.int64)  # the shared counter, on a line of its own
+        # The shared counters (records claimed, packs done), on a line of their own.
+        self.claim = _aligned(16).view(np.int64)
         self.tasks = [self._task(t) for t in range(1, threads)]
 
     def __call__(self) -> None:
         if not len(self.jobs):
             return
-        if self.prologue is not None:
-            self.prologue()
-        self.claim[0] = 0
+        self.claim[:2] = 0
         if not self.tasks:
             self._work()
             return
@@ -244,13 +245,13 @@ class _Launch:
         self.kernel.run_jobs(len(self.jobs), self.jobs.ctypes.data, layout.a_strides,
                              layout.b_strides, layout.ldc, self.alpha, self.beta, apack, bpack,
                              layout.b_packed, self.epi_args, self.low_rank,
-                             self.claim.ctypes.data, self.cbufs[0])
+                             self.claim.ctypes.data, self.cbufs[0], self.npack)
 
     def _task(self, thread: int) -> NativeTask:
         """Thread `thread`'s claims, for a worker to run natively (no Python, no GIL between
         the jobs)."""
         layout, (side, rank, up_alpha) = self.layout, self.low_rank
-        args = np.array([len(self.jobs), self.jobs.ctypes.data, *layout.a_strides,
+        args = np.array([len(self.jobs), self.npack, self.jobs.ctypes.data, *layout.a_strides,
                          *layout.b_strides, layout.ldc, 0, 0, int(layout.b_packed),
                          self.epi_args, side, rank, 0, self.claim.ctypes.data,
                          self.cbufs[thread]], np.int64)
@@ -359,13 +360,18 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
     kernel = compile_gemm(config, tuple(epilogue), target, tile_epilogue)
     threads = threads or cpu_threads()
     blocks = partition(m, n, k, kernel.config, threads, isinstance(b, PackedB))
-    pack = None
+    packs, keep = [], ()
     if len(blocks) > 1 and not isinstance(b, PackedB):
         # B packed once, on all cores, then the prepacked driver: every thread packing its own
         # block of B measured 1.2-1.4x slower at 512^2-2048^2 on 2 threads (Zen 1), and the
-        # rows of a prepacked GEMM split into jobs the threads claim (`_row_chunks`).
-        pack = _PackOnce(b, kernel)
-        b, b_strides = pack.packed, (0, 0)
+        # rows of a prepacked GEMM split into jobs the threads claim (`_row_chunks`). The
+        # panels go to a buffer of the launch's own (launches of executables called from
+        # other threads may run at the same time), packed at every run (a replay reads B's
+        # current values). `keep` holds B too: the caller's temporary may have no other
+        # reference once `b` names the panels (Python 3.11 moves arguments into the frame).
+        packed = PackedB(_aligned(_panel_floats(k, n, kernel.config)), k, n, kernel.config)
+        packs, keep = _pack_records(b, b_strides, packed, threads), (packed.data, b)
+        b, b_strides = packed, (0, 0)
         blocks = partition(m, n, k, kernel.config, threads, True)
     layout = _Layout(_elements(a.strides), b_strides, out.strides[0] // F32,
                      isinstance(b, PackedB))
@@ -379,22 +385,19 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
     plan = [[layout.job(chunk, k, ptrs, (row0, col0), pcols, next(per_chunk)) for chunk in share]
             for share in shares]
     launch(kernel, layout, plan, alpha, beta, _address(epi_args), branch.shared,
-           tuple(branch.buffers), prologue=pack)
+           (*branch.buffers, *keep), packs=packs)
     return out
 
 
-class _PackOnce:
-    """B's panels for one launch, packed from B at the start of every run of it (a replayed
-    launch reads B's current values), into a buffer of the launch's own (launches of
-    executables called from other threads may run at the same time)."""
-
-    def __init__(self, b: np.ndarray, kernel: GemmKernel):
-        self.b, self.kernel = b, kernel
-        k, n = b.shape
-        self.packed = PackedB(_aligned(_panel_floats(k, n, kernel.config)), k, n, kernel.config)
-
-    def __call__(self) -> None:
-        prepack_b(self.b, kernel=self.kernel, out=self.packed.data)
+def _pack_records(b: np.ndarray, b_strides: tuple[int, int], packed: PackedB,
+                  threads: int) -> list[list[int]]:
+    """PACK_FIELDS records packing B [K, N] (element strides `b_strides`) into `packed`: two
+    column ranges per thread on panel boundaries, so a core that starts late takes fewer."""
+    k, n, nr = packed.k, packed.n, packed.config.nr
+    rsb, csb = b_strides
+    cuts = _tile_bounds(n, nr, min(2 * threads, -(-n // nr)))
+    return [[b.ctypes.data + F32 * c0 * csb, rsb, csb, k, c1 - c0,
+             packed.data.ctypes.data + F32 * c0 * k] for c0, c1 in pairwise(cuts) if c1 > c0]
 
 
 def _row_chunks(block: tuple[int, ...], cfg: GemmConfig) -> list[tuple[int, ...]]:
