@@ -70,8 +70,8 @@ def prefetch(options: CompileOptions) -> None:
     """Let the target start on model-independent kernels while the model is imported (after
     the kernel cache dir is set, so that what it compiles is cached like the rest)."""
     if options.target == "cpu":
-        from lmc.backends.cpu.kernels import prefetch_gemm
-        prefetch_gemm()
+        from lmc.backends.cpu.kernels import prefetch as prefetch_cpu
+        prefetch_cpu()
 
 
 def build_executable(module: Module, options: CompileOptions):

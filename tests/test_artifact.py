@@ -118,6 +118,30 @@ def test_modules_keep_their_key_and_object_code(tmp_path):
     assert len({m.key, *others}) == 5
 
 
+def test_helper_processes_compile_the_same_object_code():
+    """Modules compiled by the helper processes (codegen.py) are byte for byte what this
+    process compiles; several threads compile at once; a helper that died, or a module LLVM
+    rejects, falls back to this process (which names LLVM's error)."""
+    from concurrent.futures import ThreadPoolExecutor
+    here, helped = JitEngine(), JitEngine()
+    helped.start_helpers(2)
+    texts = [_text(f"lmc_test_helped_{i}", float(i)) for i in range(4)]
+    with ThreadPoolExecutor(3) as pool:
+        modules = list(pool.map(lambda t: helped.add_ir(t[:40], t), texts))
+    for i, (m, text) in enumerate(zip(modules, texts)):
+        assert m.object_code == here.add_ir(f"here{i}", text).object_code
+        assert _call(m, f"lmc_test_helped_{i}", 2.0) == 2.0 * i
+        assert f"@lmc_test_helped_{i}" in m.optimized_ir  # recomputed on demand
+    with pytest.raises(JitError, match=r"LLVM rejected module 'bad'"):
+        helped.add_ir("bad", "define i32 @lmc_test_bad() {\n  ret i64 0\n}\n")
+    for helper in helped._helpers._all:
+        helper._proc.kill()
+        helper._proc.wait()
+    m = helped.add_ir("after", _text("lmc_test_after_kill", 3.0))
+    assert m.source == "compiled" and _call(m, "lmc_test_after_kill", 1.0) == 3.0
+    helped._helpers.close()
+
+
 def test_registered_and_disk_objects_skip_llvm(tmp_path):
     text = _text("lmc_test_thrice", 3.0)
     first = JitEngine(cache_dir=tmp_path).add_ir("thrice", text)

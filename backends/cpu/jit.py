@@ -12,6 +12,7 @@ the object with `add_object_file` and skips parsing, O3 and codegen.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -26,6 +27,8 @@ import llvmlite
 import llvmlite.binding as llvm
 
 from lmc.errors import LmcError
+
+from . import codegen
 
 # Part of every key: bump it when code outside the key (the O3 pipeline options, the target
 # machine settings below) changes what object code a text compiles to.
@@ -91,6 +94,9 @@ class CompiledModule:
 
 
 _init_lock = threading.Lock()
+# Helper processes compiling at once (`JitEngine.start_helpers`): one per core, at least two
+# (a build's two threads), at most four (a model's kernels rarely keep more busy).
+COMPILE_WORKERS = min(4, max(2, os.cpu_count() or 1))
 _initialized = False
 
 
@@ -187,10 +193,8 @@ class JitEngine:
                  cache_dir: str | Path | None = None):
         _initialize_llvm()
         self.target = target or host_target()
-        llvm_target = llvm.Target.from_triple(llvm.get_process_triple())
-        self.target_machine = llvm_target.create_target_machine(
-            cpu=self.target.cpu, features=self.target.features, opt=opt_level,
-            reloc="default", codemodel="jitdefault")
+        self.target_machine = codegen.target_machine(self.target.cpu, self.target.features,
+                                                     opt_level)
         self.opt_level = opt_level
         self.cache_dir = Path(cache_dir) if cache_dir else None
         # MCJIT wants an owning module to start from; an empty one does.
@@ -202,6 +206,7 @@ class JitEngine:
         self._registered: dict[str, bytes] = {}
         self._symbols: dict[str, CompiledModule] = {}  # exported symbol → its module
         self.stats = {"compiled": 0, "memory": 0, "registered": 0, "disk": 0}
+        self._helpers: codegen.CodegenHelpers | None = None
 
     def key(self, llvm_ir: str) -> str:
         """The content key of `llvm_ir` compiled by this engine."""
@@ -217,9 +222,9 @@ class JitEngine:
         """The module for `llvm_ir`: from memory, registered objects, the disk cache, or else
         parsed, verified, optimized (O3) and machine-compiled (then stored in the cache).
 
-        Thread-safe. The compile itself runs outside the engine lock, but llvmlite serializes
-        every LLVM call of a process with its own lock, so threads do not compile in parallel
-        (see docs/NOTES.md)."""
+        Thread-safe. The compile itself runs outside the engine lock; llvmlite serializes every
+        LLVM call of a process, so threads compile in parallel only once helper processes are
+        started (`start_helpers`)."""
         key = self.key(llvm_ir)
         with self._lock:
             found = self._lookup(name, llvm_ir, key)
@@ -256,20 +261,33 @@ class JitEngine:
         self._symbols.update(dict.fromkeys(symbols, compiled))
         return compiled
 
-    def _codegen(self, name: str, llvm_ir: str) -> tuple[bytes, str]:
-        """Parse → verify → O3 → object code, with this thread's own target machine."""
+    def start_helpers(self, count: int = 0) -> None:
+        """Start helper processes that compile for this engine (codegen.py) up to `count` (0:
+        COMPILE_WORKERS): from then on every compile runs on one of them."""
+        with self._lock:
+            if self._helpers is None:
+                self._helpers = codegen.CodegenHelpers(self.target.cpu, self.target.features,
+                                                       self.opt_level)
+                atexit.register(self._helpers.close)
+        self._helpers.ensure(count or COMPILE_WORKERS)
+
+    def _codegen(self, name: str, llvm_ir: str) -> tuple[bytes, str | None]:
+        """(object code, the optimized text or None): by a helper process if started, else (or
+        if the helper could not) in this process."""
+        if self._helpers is not None:
+            obj = self._helpers.compile(name, llvm_ir, _vectorize(llvm_ir))
+            if obj is not None:
+                return obj, None  # the optimized text is recomputed if asked for
+        machine = self._thread_machine()
         module = self._parse(name, llvm_ir)
-        self._optimize(module, self._thread_machine(), _vectorize(llvm_ir))
-        optimized = str(module)
-        return self._thread_machine().emit_object(module), optimized
+        self._optimize(module, machine, _vectorize(llvm_ir))
+        return machine.emit_object(module), str(module)
 
     def _thread_machine(self):
         tm = getattr(self._tls, "machine", None)
         if tm is None:
-            tm = self._tls.machine = llvm.Target.from_triple(
-                llvm.get_process_triple()).create_target_machine(
-                cpu=self.target.cpu, features=self.target.features, opt=self.opt_level,
-                reloc="default", codemodel="jitdefault")
+            tm = self._tls.machine = codegen.target_machine(self.target.cpu,
+                                                            self.target.features, self.opt_level)
         return tm
 
     def _check_symbols(self, name: str, symbols: tuple[str, ...]) -> None:
@@ -284,14 +302,9 @@ class JitEngine:
 
     def _parse(self, name: str, llvm_ir: str):
         try:
-            module = llvm.parse_assembly(llvm_ir)
-            module.verify()
+            return codegen.parse(name, llvm_ir, self.target_machine)
         except RuntimeError as exc:
             raise JitError(f"LLVM rejected module '{name}': {exc}") from None
-        module.name = name
-        module.triple = self.target_machine.triple
-        module.data_layout = str(self.target_machine.target_data)
-        return module
 
     # -- the disk cache -----------------------------------------------------------------------
 
@@ -342,10 +355,7 @@ class JitEngine:
         return self.target_machine.emit_assembly(module)
 
     def _optimize(self, module, machine=None, vectorize: bool = True) -> None:
-        pto = llvm.create_pipeline_tuning_options(speed_level=self.opt_level)
-        pto.loop_vectorization = pto.slp_vectorization = pto.loop_unrolling = vectorize
-        builder = llvm.create_pass_builder(machine or self.target_machine, pto)
-        builder.getModulePassManager().run(module, builder)
+        codegen.optimize(module, machine or self.target_machine, self.opt_level, vectorize)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -40,19 +40,29 @@ INDIRECT_TILE = TileEpilogue("lmc_tile_indirect", _INDIRECT)
 REPLAYS = 4
 
 
-def prefetch_gemm(target: HostTarget | None = None) -> None:
-    """Start compiling the GEMM module that every fused matmul with an epilogue shares, in a
-    daemon thread: LLVM runs without the GIL, so a cold compile overlaps this ~1 s with
-    torch.export on another core. `compile_gemm` then returns it, waiting for the thread if it
-    is still compiling (or at once, one dict lookup, when it is compiled already). A failure
-    here is left for that call to raise."""
+def prefetch(target: HostTarget | None = None) -> None:
+    """Start on what every cold CPU compile needs while the model is imported: from a daemon
+    thread, one helper process (codegen.py) compiles the GEMM module that every fused matmul
+    with an epilogue shares, then the core pool's (~1 s of LLVM beside torch.export, on the
+    other core); then the other helpers start, for the kernels that the build compiles on
+    several threads (`runtime._build_kernels`). `compile_gemm` returns the prefetched module,
+    waiting for the thread if it is still compiling (one dict lookup once it is compiled). A
+    failure here is left for the build's own call to raise."""
     from .gemm import compile_gemm
+    from .jit import default_engine
+    from .pool import compile_primitives
+
+    engine = default_engine(target)
+    engine.start_helpers(1)
 
     def run() -> None:
-        with contextlib.suppress(Exception):  # the GemmLauncher's own call reports it
+        with contextlib.suppress(Exception):  # the build's own calls report it
             compile_gemm(None, (), target, INDIRECT_TILE)
+            if target is None:  # the pool runs on the host's engine
+                compile_primitives()
+        engine.start_helpers()
 
-    threading.Thread(target=run, name="lmc-gemm-prefetch", daemon=True).start()
+    threading.Thread(target=run, name="lmc-prefetch", daemon=True).start()
 
 
 def build_kernel(op: Op, target: HostTarget | None, threads: int | None) -> Callable | None:

@@ -161,14 +161,19 @@ done:
 """
 
 
+def compile_primitives():
+    """The pool's module (compiled once per process, by `kernels.prefetch` if it ran)."""
+    from .jit import default_engine, spin_pause
+    decl, pause = spin_pause()
+    return default_engine().add_ir("lmc_pool", decl + _POOL_IR.replace("PAUSE", pause))
+
+
 class _Primitives:
     """The pool's native spin/handoff functions (ctypes calls release the GIL) and how many
     polls make a microsecond on this machine (measured once)."""
 
     def __init__(self) -> None:
-        from .jit import default_engine, spin_pause
-        decl, pause = spin_pause()
-        module = default_engine().add_ir("lmc_pool", decl + _POOL_IR.replace("PAUSE", pause))
+        module = compile_primitives()
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self.post = module.function("lmc_pool_post", None, ptr, i64, i64, i64, i64)
         self.serve = module.function("lmc_pool_serve", i64, ptr, i64)

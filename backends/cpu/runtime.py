@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from lmc.ir.analysis import VIEWS
 from lmc.ir.core import Func, Module, Op, Value
 from lmc.ir.types import eval_shape, normalize_axis
 
-from .jit import HostTarget, default_engine
+from .jit import COMPILE_WORKERS, HostTarget, default_engine
 from .kernels import ConcatLauncher, build_kernel, native_op
 from .memory import Buffer, MemoryPlan, Placement
 
@@ -73,7 +74,9 @@ class CpuExecutable:
         self._slots: dict[Value, int] = {}
         for v in self.func.body.args:
             self._slot(v)
-        self.steps = [self._build(op) for op in self.func.body.ops if op.name != "func.return"]
+        ops = [op for op in self.func.body.ops if op.name != "func.return"]
+        kernels = _build_kernels([op for op in ops if op.name == "kernel.fused"], target, threads)
+        self.steps = [self._build(op, kernels) for op in ops]
         self.folded: dict[int, np.ndarray] = {}  # slot → a weight-only value computed once
         self.folded_steps: list[Step] = []  # ... and the steps that computed them
         if prepack:
@@ -90,13 +93,13 @@ class CpuExecutable:
     def _slot(self, v: Value) -> int:
         return self._slots.setdefault(v, len(self._slots))
 
-    def _build(self, op: Op) -> Step:
+    def _build(self, op: Op, kernels: dict[Op, Callable | None]) -> Step:
         args = [self._slots[v] for v in op.operand_values]
         outs = [self._slot(v) for v in op.result_values]
         if op.name in VIEWS:
             return Step(op, args, outs, run_view, "view")
         if op.name == "kernel.fused":
-            fn = _build_kernel(op, self.target, self.threads)
+            fn = kernels[op]
             if fn is not None:
                 return Step(op, args, outs, fn, "kernel")
         if op.name in CONSTANTS:  # data from attributes and sizes only: numpy makes it
@@ -344,6 +347,19 @@ def _read_permuted(v: Value) -> tuple[int, ...] | None:
     if perm is None or perm[-1] != len(perm) - 1 or perm == tuple(range(len(perm))):
         return None
     return perm
+
+
+def _build_kernels(ops: list[Op], target, threads) -> dict[Op, Callable | None]:
+    """Each kernel op's callable (`build_kernel`), built on as many threads as the engine has
+    helper processes: llvmlite compiles one module at a time in a process, and the helpers
+    (`jit.JitEngine._codegen`) compile side by side, so a cold build takes about half as long
+    on 2 cores."""
+    if len(ops) < 2:
+        return {op: _build_kernel(op, target, threads) for op in ops}
+    # Attention modules first: each takes several times as long as any other kernel's.
+    order = sorted(ops, key=lambda op: op.kind != "attention")
+    with ThreadPoolExecutor(COMPILE_WORKERS, thread_name_prefix="lmc-build") as workers:
+        return dict(zip(order, workers.map(lambda op: _build_kernel(op, target, threads), order)))
 
 
 def _build_kernel(op: Op, target, threads) -> Callable | None:
