@@ -15,6 +15,7 @@ the object code).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import struct
 import subprocess
@@ -82,11 +83,12 @@ class _Helper:
             header = json.dumps({"name": name, "vectorize": vectorize}).encode()
             _send(self._proc.stdin, header, llvm_ir.encode())
             reply = _receive(self._proc.stdout, 2)
-        except OSError:  # a broken pipe: the helper died
+            ok = reply is not None and json.loads(reply[0])["ok"]
+        except (OSError, ValueError):  # a broken pipe, a garbled reply: the helper is lost
             reply = None
         if reply is None:
             return False, None
-        return True, reply[1] if json.loads(reply[0])["ok"] else None
+        return True, reply[1] if ok else None
 
     def close(self) -> None:
         """End the helper (it exits when its input closes)."""
@@ -105,7 +107,7 @@ class CodegenHelpers:
     process, which gives LLVM's own error (a helper is a speed-up, never a requirement)."""
 
     def __init__(self, cpu: str, features: str, opt_level: int):
-        self._args = (cpu, features, opt_level)
+        self._args, self._pid = (cpu, features, opt_level), os.getpid()
         self._idle: queue.SimpleQueue[_Helper | None] = queue.SimpleQueue()
         self._all: list[_Helper] = []
         self._lock = threading.Lock()
@@ -122,7 +124,7 @@ class CodegenHelpers:
                 self._idle.put(helper)
 
     def compile(self, name: str, llvm_ir: str, vectorize: bool) -> bytes | None:
-        if not self._all:
+        if not self._all or os.getpid() != self._pid:  # a forked child shares the pipes
             return None
         helper = self._idle.get()
         obj = None
