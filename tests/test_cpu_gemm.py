@@ -232,6 +232,31 @@ def test_multithreaded_gemm_packs_b_once_and_replays_current_b(monkeypatch):
     assert (empty_k == 0).all()
 
 
+def test_the_same_call_again_replays_its_launch(monkeypatch):
+    """`sgemm` called again with the same addresses, layouts and scalars runs the launch it
+    built last time on this thread: it reads the operands' current values, and anything that
+    differs (an output elsewhere, another alpha, a recording) builds a new one."""
+    monkeypatch.setattr(cpu_threads, "MIN_MACS_PER_THREAD_PER_LANE", 1)
+    rng, seed = _rng()
+    a, b, out = _rand(rng, 130, 70), _rand(rng, 70, 90), np.empty((130, 90), np.float32)
+    sgemm(a, b, out=out, threads=2, config=SMALL_BLOCKS)
+    first = cpu_threads._local.last_sgemm[1]
+    a[:], b[:] = _rand(rng, 130, 70), _rand(rng, 70, 90)
+    sgemm(a, b, out=out, threads=2, config=SMALL_BLOCKS)
+    assert cpu_threads._local.last_sgemm[1] is first
+    _check(out, a, b, seed)
+    sgemm(a, b, out=out, alpha=2.0, threads=2, config=SMALL_BLOCKS)
+    assert cpu_threads._local.last_sgemm[1] is not first
+    _check(out, a, b, seed, alpha=2.0)
+    other = sgemm(a, b.T.copy(), trans_b=True, threads=2, config=SMALL_BLOCKS)
+    _check(other, a, b, seed)
+    last = cpu_threads._local.last_sgemm[1]
+    with cpu_threads.recording() as calls:
+        sgemm(a, b.T.copy(), trans_b=True, out=other, threads=2, config=SMALL_BLOCKS)
+    assert calls[0] is not last and cpu_threads._local.last_sgemm[1] is last
+    _check(other, a, b, seed)
+
+
 @pytest.mark.skipif(not host_target().has_avx512, reason="host already runs the AVX2 path")
 @pytest.mark.parametrize("m,n,k", [(7, 13, 5), (129, 255, 513), (33, 17, 64)])
 def test_avx2_code_path(m, n, k):
