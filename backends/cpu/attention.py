@@ -58,8 +58,12 @@ class AttentionKernel:
     value_dim: int
     mask_kind: str
     entry: str
-    llvm_ir: str
+    modules: tuple[str, ...]  # LLVM IR texts, in load order
     fn: object = field(repr=False)
+
+    @property
+    def llvm_ir(self) -> str:
+        return "\n".join(self.modules)
 
     def scratch_floats(self, tk: int) -> int:
         """Per-thread scratch: Kᵀ panels, then packed V rows."""
@@ -85,13 +89,13 @@ def compile_attention(head_dim: int, value_dim: int, mask_kind: str,
         return _kernels[key]
     # Compiled outside the lock: a kernel being compiled must not block lookups of compiled
     # ones (the engine dedups a text that two threads compile at once).
-    entry, text = render_attention_module(cfg, head_dim, value_dim, mask_kind)
-    module = engine.add_ir(entry, text)
+    entry, texts = render_attention_module(cfg, head_dim, value_dim, mask_kind)
+    *_, module = engine.add_irs([(f"{entry}_kernels", texts[0]), (entry, texts[1])])
     fn = module.function(entry, None, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                          ctypes.c_void_p)
     with _kernels_lock:
         return _kernels.setdefault(key, AttentionKernel(cfg, head_dim, value_dim, mask_kind,
-                                                        entry, text, fn))
+                                                        entry, texts, fn))
 
 
 # -- launcher --

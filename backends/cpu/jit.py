@@ -20,6 +20,7 @@ import re
 import threading
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,30 +226,49 @@ class JitEngine:
         Thread-safe. The compile itself runs outside the engine lock; llvmlite serializes every
         LLVM call of a process, so threads compile in parallel only once helper processes are
         started (`start_helpers`)."""
+        return self.add_irs([(name, llvm_ir)])[0]
+
+    def add_irs(self, modules: list[tuple[str, str]]) -> list[CompiledModule]:
+        """`add_ir` of several (name, text) modules, loaded in order, so that a module may call
+        the exported functions of those before it (MCJIT resolves them as it loads it); with
+        helper processes, the ones to compile compile side by side."""
+        if self._helpers is not None and len(modules) > 1:
+            with ThreadPoolExecutor(len(modules), thread_name_prefix="lmc-jit") as workers:
+                objects = list(workers.map(lambda m: self._object_code(*m), modules))
+        else:
+            objects = [self._object_code(*m) for m in modules]
+        return [self._add(name, text, *found) for (name, text), found in zip(modules, objects)]
+
+    def _object_code(self, name: str, llvm_ir: str) -> tuple[str, bytes | None, str, str | None]:
+        """(key, object code, its source, the optimized text or None); no object code when the
+        module is loaded already."""
         key = self.key(llvm_ir)
         with self._lock:
-            found = self._lookup(name, llvm_ir, key)
-        if found is not None:
-            return found
+            if key in self.by_key:
+                return key, None, "memory", None
+            self._check_symbols(name, exported_symbols(llvm_ir))
+            obj, source = self._registered.get(key), "registered"
+            if obj is None:
+                obj, source = self._read_cache(key), "disk"
+        if obj is not None:
+            return key, obj, source, None
         obj, optimized = self._codegen(name, llvm_ir)
+        return key, obj, "compiled", optimized
+
+    def _add(self, name: str, llvm_ir: str, key: str, obj: bytes | None, source: str,
+             optimized: str | None) -> CompiledModule:
+        """The loaded module of `key`, or `obj` loaded now (compiled object code then goes to
+        the disk cache)."""
         with self._lock:
-            if key in self.by_key:  # another thread compiled the same text meanwhile
+            if key in self.by_key:  # loaded before, or by another thread meanwhile
+                self.stats["memory"] += source == "memory"
                 return self.by_key[key]
-            compiled = self._load(name, llvm_ir, key, obj, "compiled", optimized)
-        self._write_cache(key, obj)
+            if source == "registered":
+                del self._registered[key]
+            compiled = self._load(name, llvm_ir, key, obj, source, optimized)
+        if source == "compiled":
+            self._write_cache(key, obj)
         return compiled
-
-    def _lookup(self, name: str, llvm_ir: str, key: str) -> CompiledModule | None:
-        """Under the lock: the module if it is loaded or its object code is at hand."""
-        if key in self.by_key:
-            self.stats["memory"] += 1
-            return self.by_key[key]
-        self._check_symbols(name, exported_symbols(llvm_ir))
-        obj, source = self._registered.pop(key, None), "registered"
-        if obj is None:
-            obj, source = self._read_cache(key), "disk"
-        return None if obj is None else self._load(name, llvm_ir, key, obj, source)
-
     def _load(self, name: str, llvm_ir: str, key: str, obj: bytes, source: str,
               optimized: str | None = None) -> CompiledModule:
         symbols = exported_symbols(llvm_ir)

@@ -188,7 +188,7 @@ class AttentionLauncher:
 
     def llvm_modules(self) -> list[str]:
         kernel = getattr(self, "kernel", None)
-        return [kernel.llvm_ir] if kernel is not None else []
+        return list(kernel.modules) if kernel is not None else []
 
     def __call__(self, ins, outs, env) -> None:
         from .attention import attention
