@@ -248,6 +248,11 @@ def test_the_same_call_again_replays_its_launch(monkeypatch):
     sgemm(a, b, out=out, alpha=2.0, threads=2, config=SMALL_BLOCKS)
     assert cpu_threads._local.last_sgemm[1] is not first
     _check(out, a, b, seed, alpha=2.0)
+    # the same addresses and strides, fewer columns: another launch
+    out[:, 60:] = np.nan
+    sgemm(a, b[:, :60], out=out[:, :60], alpha=2.0, threads=2, config=SMALL_BLOCKS)
+    _check(out[:, :60], a, b[:, :60], seed, alpha=2.0)
+    assert np.isnan(out[:, 60:]).all()
     other = sgemm(a, b.T.copy(), trans_b=True, threads=2, config=SMALL_BLOCKS)
     _check(other, a, b, seed)
     last = cpu_threads._local.last_sgemm[1]

@@ -369,8 +369,8 @@ def sgemm(a: np.ndarray, b: np.ndarray | PackedB, *, out: np.ndarray | None = No
     # Like `GemmLauncher`'s replays, nothing of the caller's is held between calls.
     key = None if low_rank is not None or _recording() else (
         id(kernel), threads, at["a"], a.shape, a.strides, at["b"], b_strides,
-        isinstance(b, PackedB), at["out"], out.strides, at["cols"], alpha, beta, at["epi"],
-        row0, col0)
+        isinstance(b, PackedB), at["out"], out.shape, out.strides, at["cols"], alpha, beta,
+        at["epi"], row0, col0)
     last = getattr(_local, "last_sgemm", None)
     if key is not None and last is not None and last[0] == key:
         last[1]()
