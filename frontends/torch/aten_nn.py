@@ -19,8 +19,9 @@ def _transpose_last(cx: Ctx, w: Value) -> Value:
 
 @converter(aten.linear.default)
 def linear(cx: Ctx, x, w, b=None):
-    y = cx.op("tensor.matmul", x, _transpose_last(cx, w))
-    return y if b is None else cx.op("tensor.add", y, b)
+    if b is None:
+        return cx.op("tensor.matmul", x, _transpose_last(cx, w))
+    return _biased_matmul(cx, b, x, _transpose_last(cx, w))
 
 
 @converter(aten.matmul.default, aten.mm.default, aten.bmm.default)
@@ -30,12 +31,22 @@ def matmul(cx: Ctx, a, b):
 
 @converter(aten.addmm.default)
 def addmm(cx: Ctx, bias, a, b, beta=1, alpha=1):
+    return _biased_matmul(cx, bias, a, b, beta, alpha)
+
+
+def _biased_matmul(cx: Ctx, bias, a, b, beta=1, alpha=1) -> Value:
+    """beta·bias + alpha·(a @ b) as torch computes it: for bf16/f16 operands in f32, rounded
+    once at the end (a bf16 matmul rounded, then a bf16 add, was off by up to 1 ulp)."""
+    low = a.dtype if a.dtype in (DType.bf16, DType.f16) else None
+    if low is not None:
+        a, b, bias = (cx.cast(v, DType.f32) for v in (a, b, bias))
     y = cx.op("tensor.matmul", a, b)
     if alpha != 1:
         y = cx.op("tensor.mul", y, cx.const(alpha, y.dtype))
     if beta != 1:
         bias = cx.op("tensor.mul", bias, cx.const(beta, y.dtype))
-    return cx.op("tensor.add", y, bias) if beta != 0 else y
+    y = cx.op("tensor.add", y, bias) if beta != 0 else y
+    return cx.cast(y, low) if low is not None else y
 
 
 @converter(aten.outer.default)
