@@ -118,11 +118,13 @@ def test_modules_keep_their_key_and_object_code(tmp_path):
     assert len({m.key, *others}) == 5
 
 
-def test_helper_processes_compile_the_same_object_code():
+def test_helper_processes_compile_the_same_object_code(monkeypatch):
     """Modules compiled by the helper processes (codegen.py) are byte for byte what this
     process compiles; several threads compile at once; a helper that died, or a module LLVM
     rejects, falls back to this process (which names LLVM's error)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from lmc.backends.cpu import codegen
     here, helped = JitEngine(), JitEngine()
     helped.start_helpers(2)
     texts = [_text(f"lmc_test_helped_{i}", float(i)) for i in range(4)]
@@ -134,6 +136,13 @@ def test_helper_processes_compile_the_same_object_code():
         assert f"@lmc_test_helped_{i}" in m.optimized_ir  # recomputed on demand
     with pytest.raises(JitError, match=r"LLVM rejected module 'bad'"):
         helped.add_ir("bad", "define i32 @lmc_test_bad() {\n  ret i64 0\n}\n")
+    helped._helpers._pid = -1  # as in a forked child: the parent's pipes are not its own
+    calls = []
+    monkeypatch.setattr(codegen._Helper, "compile", lambda *a: calls.append(a))
+    m = helped.add_ir("forked", _text("lmc_test_forked", 5.0))
+    assert _call(m, "lmc_test_forked", 1.0) == 5.0 and not calls  # no helper was asked
+    monkeypatch.undo()
+    helped._helpers._pid = os.getpid()
     for helper in helped._helpers._all:
         helper._proc.kill()
         helper._proc.wait()
