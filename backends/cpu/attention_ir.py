@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from lmc.errors import ShapeError
 
 from . import vmath
-from .irtext import FunctionWriter, fconst, vec
+from .irtext import FunctionWriter, fconst, transpose, vec
 from .jit import HAND_VECTORIZED, HostTarget
 
 MASK_KINDS = ("none", "bool", "additive")
@@ -492,23 +492,6 @@ def render_pv(cfg: AttentionConfig, dv: int, name: str) -> str:
     return w.text()
 
 
-def _transpose(w: FunctionWriter, rows: list[str], n: int) -> list[str]:
-    """An n×n block held as n row vectors -> its n column vectors: log2(n) stages of two-source
-    shuffles, each swapping the off-diagonal b×b sub-blocks of every 2b×2b block."""
-    v, b = vec(n), n // 2
-    while b >= 1:
-        keep = [c if not c & b else n + c - b for c in range(n)]  # row i takes row i+b's left
-        take = [c + b if not c & b else n + c for c in range(n)]  # row i+b takes row i's right
-        new = list(rows)
-        for i in (i for i in range(n) if not i & b):
-            for dst, mask in ((i, keep), (i + b, take)):
-                sel = ", ".join(f"i32 {m}" for m in mask)
-                new[dst] = w.value(f"shufflevector {v} {rows[i]}, {v} {rows[i + b]}, "
-                                   f"<{n} x i32> <{sel}>")
-        rows, b = new, b // 2
-    return rows
-
-
 def _prefetch_row(w: FunctionWriter, row: str, ahead: str, d: int) -> None:
     """Prefetch the unit-stride row of d floats `ahead` elements past `row`: every 64-byte
     line of it, wherever it starts. The rows of q, k and v in a fused QKV output sit
@@ -548,7 +531,7 @@ def render_pack_k(cfg: AttentionConfig, d: int, name: str) -> str:
             _prefetch_row(w, src, ahead, d)
         for d0 in range(0, d - d % n, n):
             rows = [w.load(vec(n), w.gep(src, str(d0))) for src in srcs]
-            for c, col in enumerate(_transpose(w, rows, n)):
+            for c, col in enumerate(transpose(w, rows, n)):
                 w.store(vec(n), col, w.gep(dst, str((d0 + c) * nb)))
         for k in range(d - d % n, d):
             for r, src in enumerate(srcs):

@@ -19,6 +19,23 @@ def fconst(value: float) -> str:
     return f"0x{struct.unpack('<Q', struct.pack('<d', as_f32))[0]:016X}"
 
 
+def transpose(w: FunctionWriter, rows: list[str], t: int) -> list[str]:
+    """t x t transpose of t vectors by block swaps: at block size b, rows i and i+b exchange
+    their off-diagonal b-wide halves; each mask maps to one or two x86 shuffles."""
+    v, b = vec(t), 1
+    rows = list(rows)
+    while b < t:
+        for i in (i for i in range(t) if not i & b):
+            lo = [p if not p & b else t + p - b for p in range(t)]
+            hi = [p + b if not p & b else t + p for p in range(t)]
+            pair = rows[i], rows[i + b]
+            rows[i], rows[i + b] = (w.value(f"shufflevector {v} {pair[0]}, {v} {pair[1]}, "
+                                            f"<{t} x i32> <{', '.join(f'i32 {x}' for x in m)}>")
+                                    for m in (lo, hi))
+        b *= 2
+    return rows
+
+
 class FunctionWriter:
     """Accumulates the text of one `define`; allocas go to the entry block so SROA promotes them."""
 
