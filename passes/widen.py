@@ -26,7 +26,6 @@ from lmc.passes.dce import eliminate_dead_ops
 
 WIDENED = frozenset(["tensor.matmul", "tensor.attention", "moe.grouped_matmul",
                      "moe.grouped_weight_grad"])
-LOW_PRECISION = frozenset([DType.bf16, DType.f16])
 # Views whose f32 form is the same view of the f32 value (a cast commutes with them).
 # tensor.barrier is left alone: it is there to keep what precedes it apart.
 CAST_THROUGH = frozenset(["tensor.reshape", "tensor.permute", "tensor.slice",
@@ -34,7 +33,7 @@ CAST_THROUGH = frozenset(["tensor.reshape", "tensor.permute", "tensor.slice",
 
 
 def needs_widening(op: Op) -> bool:
-    return op.name in WIDENED and any(v.dtype in LOW_PRECISION for v in op.operand_values)
+    return op.name in WIDENED and any(v.dtype.is_low_float for v in op.operand_values)
 
 
 @dataclass
@@ -47,7 +46,7 @@ class _Widener:
 
     def widen(self, op: Op) -> None:
         rw = Rewriter(op.parent, op)
-        operands = [self.f32(rw, v) if v.dtype in LOW_PRECISION else v
+        operands = [self.f32(rw, v) if v.dtype.is_low_float else v
                     for v in op.operand_values]
         wide_op = rw.create(op.name, operands, dict(op.attributes), None, op.loc)
         back = [rw.value("tensor.cast", r, dtype=old.dtype, loc=op.loc)

@@ -41,7 +41,7 @@ from .attention_ir import (
     render_attention_module,
 )
 from .jit import HostTarget, default_engine
-from .pool import cpu_threads, pool, range_task
+from .pool import cpu_threads, pool, range_task, thread_buffer
 
 # Below this many multiply-adds per thread per vector lane, waking the second core costs more
 # than it saves (~100 us, see pool.py): half of GEMM's threshold, as attention runs at about
@@ -100,17 +100,10 @@ def compile_attention(head_dim: int, value_dim: int, mask_kind: str,
 
 # -- launcher --
 
-_local = threading.local()
-
 
 def _scratch(floats: int) -> np.ndarray:
-    """This thread's 64-byte aligned scratch of at least `floats` floats (grown, never shrunk)."""
-    buf = getattr(_local, "scratch", None)
-    if buf is None or buf.size < floats:
-        raw = np.empty(floats + 16, np.float32)
-        skip = (-raw.ctypes.data % 64) // F32
-        buf = _local.scratch = raw[skip:skip + floats]
-    return buf
+    """This thread's scratch for an attention range run here."""
+    return thread_buffer(floats, "attention")
 
 
 def _elem_strides(x: np.ndarray) -> list[int]:

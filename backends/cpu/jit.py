@@ -30,6 +30,7 @@ import llvmlite.binding as llvm
 from lmc.errors import LmcError
 
 from . import codegen
+from .pool import cpu_threads
 
 # Part of every key: bump it when code outside the key (the O3 pipeline options, the target
 # machine settings below) changes what object code a text compiles to.
@@ -95,9 +96,10 @@ class CompiledModule:
 
 
 _init_lock = threading.Lock()
-# Helper processes compiling at once (`JitEngine.start_helpers`): one per core, at least two
-# (a build's two threads), at most four (a model's kernels rarely keep more busy).
-COMPILE_WORKERS = min(4, max(2, os.cpu_count() or 1))
+# Helper processes compiling at once (`JitEngine.start_helpers`), and the threads a build
+# compiles its kernels on: one per core, at least two, at most four (a model's kernels rarely
+# keep more busy).
+COMPILE_WORKERS = min(4, max(2, cpu_threads()))
 _initialized = False
 
 

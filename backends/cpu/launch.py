@@ -17,7 +17,7 @@ from lmc.errors import ShapeError
 from lmc.ir.types import eval_dim
 
 from .emit import COSTLY
-from .pool import CorePool, cpu_threads, range_task
+from .pool import F32, CorePool, cpu_threads, range_task, thread_buffer
 from .pool import pool as core_pool
 
 if TYPE_CHECKING:
@@ -29,17 +29,9 @@ if TYPE_CHECKING:
 MIN_WORK_PER_THREAD = 1 << 19
 
 
-_local = threading.local()
-
-
 def _scratch(nbytes: int) -> int:
-    """This thread's scratch buffer (64-byte aligned), grown on demand."""
-    if nbytes == 0:
-        return 0
-    buf = getattr(_local, "scratch", None)
-    if buf is None or buf.nbytes < nbytes + 64:
-        buf = _local.scratch = np.empty(max(nbytes + 64, 1 << 16), np.uint8)
-    return buf.ctypes.data + (-buf.ctypes.data % 64)
+    """This thread's scratch for a loop kernel run here, as an address (0 for none)."""
+    return thread_buffer(-(-nbytes // F32), "loops").ctypes.data if nbytes else 0
 
 
 def _collapse(sizes, strides) -> int | None:

@@ -317,12 +317,22 @@ def _aligned_words(n: int) -> np.ndarray:
     return words
 
 
+def thread_buffer(floats: int, use: str) -> np.ndarray:
+    """This thread's 64-byte aligned buffer for `use` of `floats` floats, kept and grown (never
+    shrunk): a kernel's scratch per call would cost an allocation, and page faults, per call.
+    Each `use` has its own, so that no two of them alias."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buf = buffers.get(use)
+    if buf is None or buf.size < floats:
+        buf = buffers[use] = _aligned(floats)
+    return buf[:floats]
+
+
 def _thread_scratch(nbytes: int) -> int:
-    """This thread's scratch memory of >= nbytes (kept and grown), as an address."""
-    buf = getattr(_local, "scratch", None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = _local.scratch = _aligned(-(-nbytes // F32))
-    return buf.ctypes.data
+    """This thread's scratch memory for native tasks of >= nbytes, as an address."""
+    return thread_buffer(-(-nbytes // F32), "tasks").ctypes.data
 
 
 _pool: CorePool | None = None

@@ -350,10 +350,11 @@ def _read_permuted(v: Value) -> tuple[int, ...] | None:
 
 
 def _build_kernels(ops: list[Op], target, threads) -> dict[Op, Callable | None]:
-    """Each kernel op's callable (`build_kernel`), built on as many threads as the engine has
-    helper processes: llvmlite compiles one module at a time in a process, and the helpers
-    (`jit.JitEngine._codegen`) compile side by side, so a cold build takes about half as long
-    on 2 cores."""
+    """Each kernel op's callable (`build_kernel`), built on COMPILE_WORKERS threads: llvmlite
+    compiles one module at a time in a process, and the engine's helper processes
+    (`jit.JitEngine._codegen`, started by `kernels.prefetch`) compile side by side, so a cold
+    build takes about half as long on 2 cores. Without helpers (an artifact's load) the
+    threads only overlap loading objects."""
     if len(ops) < 2:
         return {op: _build_kernel(op, target, threads) for op in ops}
     # Attention modules first: each takes several times as long as any other kernel's.

@@ -33,7 +33,7 @@ from .gemm import (
     task_scratch_bytes,
 )
 from .jit import HostTarget
-from .pool import F32, NativeTask, _aligned, cpu_threads, pool
+from .pool import F32, NativeTask, _aligned, cpu_threads, pool, thread_buffer
 
 # A native hand-off to a polling worker costs ~10 us, but the second core starts with cold
 # caches: with AVX2, 2 threads measured 1.24x one at 8M MACs, 0.96x at 4M (a futex wake-up, the
@@ -420,12 +420,7 @@ def _panels_buffer(floats: int) -> np.ndarray:
     while this thread launches others, or on another thread), else this thread's, kept and
     grown. A fresh buffer per call cost ~0.2 ms of page faults at 512^2 (a 1 MB allocation
     comes from mmap: 1.99 vs 1.66 ms for the replayed launch, 2 threads, znver2)."""
-    if _recording():
-        return _aligned(floats)
-    buf = getattr(_local, "panels", None)
-    if buf is None or buf.size < floats:
-        buf = _local.panels = _aligned(floats)
-    return buf[:floats]
+    return _aligned(floats) if _recording() else thread_buffer(floats, "panels")
 
 
 def _pack_records(src: int, b_strides: tuple[int, int], packed: PackedB,

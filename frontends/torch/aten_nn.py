@@ -37,7 +37,7 @@ def addmm(cx: Ctx, bias, a, b, beta=1, alpha=1):
 def _biased_matmul(cx: Ctx, bias, a, b, beta=1, alpha=1) -> Value:
     """beta·bias + alpha·(a @ b) as torch computes it: for bf16/f16 operands in f32, rounded
     once at the end (a bf16 matmul rounded, then a bf16 add, was off by up to 1 ulp)."""
-    low = a.dtype if a.dtype in (DType.bf16, DType.f16) else None
+    low = a.dtype if a.dtype.is_low_float else None
     if low is not None:
         a, b, bias = (cx.cast(v, DType.f32) for v in (a, b, bias))
     y = cx.op("tensor.matmul", a, b)

@@ -37,6 +37,11 @@ class DType(enum.Enum):
         return self in (DType.f64, DType.f32, DType.f16, DType.bf16)
 
     @property
+    def is_low_float(self) -> bool:
+        """bf16 / f16: stored narrow, summed in f32 (torch's CPU kernels and lmc's alike)."""
+        return self in (DType.f16, DType.bf16)
+
+    @property
     def is_int(self) -> bool:
         return self in (DType.i64, DType.i32, DType.i8, DType.u8, DType.i4)
 
