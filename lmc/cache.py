@@ -22,7 +22,6 @@ import numpy as np
 import lmc
 from lmc.errors import ArtifactError
 from lmc.ir.core import Module
-from lmc.ir.printer import print_module
 from lmc.options import CompileOptions
 
 MAX_BYTES = 4 << 30  # per folder (models, kernels): past this the oldest files are deleted
@@ -107,10 +106,10 @@ class ModelCache:
     def path(self, key: str) -> Path:
         return self.models / f"{key}.lmca"
 
-    def load(self, key: str, imported: Module, options: CompileOptions):
+    def load(self, key: str, imported: Module, options: CompileOptions, imported_text: str):
         """The cached CompiledModel for `key`, or None. It takes the caller's options (threads)
-        and the imported module's meta (the torch output structure); a damaged entry is
-        deleted and counts as a miss."""
+        and the imported module's meta (the torch output structure) and text; a damaged entry
+        is deleted and counts as a miss."""
         from lmc.artifact import open_artifact
         path = self.path(key)
         if not path.exists():
@@ -122,7 +121,7 @@ class ModelCache:
             path.unlink(missing_ok=True)
             return None
         os.utime(path)  # recently used: evicted last
-        cm.artifacts = {"import": print_module(imported), **cm.artifacts}
+        cm.artifacts = {"import": imported_text, **cm.artifacts}
         cm.cache_hit = True
         return cm
 

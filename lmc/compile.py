@@ -36,20 +36,23 @@ def compile(model, example_inputs=None, *, target: str | None = None,
     from lmc.cache import open_cache  # the cache dir is resolved here, never deeper
     cache = open_cache(opts, os.environ.get("LMC_CACHE_DIR"))
     prefetch(opts)
-    module = _import(model, example_inputs, dynamic_shapes, memo=cache is not None)
+    module, import_text, shared = _import(model, example_inputs, dynamic_shapes,
+                                          memo=cache is not None)
     loose = unbound_symbols(module.main)
     if loose:
         raise LmcError(f"input dims use symbol(s) {sorted(loose)} that no input has as a plain "
                        "dim, so no call could bind them; derived dims (like 2*T) are supported "
                        "only when T itself is the size of some input dim")
-    artifacts = {"import": print_module(module)}
+    artifacts = {"import": import_text or print_module(module)}
     pipeline_text = opts.pipeline if opts.pipeline is not None else ",".join(
         default_pipeline(opts))
     passes = parse_pipeline(pipeline_text)
     cache_key = cache.key(module, opts, pipeline_text, artifacts["import"]) if cache else ""
-    hit = cache.load(cache_key, module, opts) if cache else None
+    hit = cache.load(cache_key, module, opts, artifacts["import"]) if cache else None
     if hit is not None:
         return hit
+    if shared:  # the memo's own copy: the passes rewrite theirs
+        module = module.clone()
     samples = None
     if opts.check_numerics:
         if example_inputs is None:
@@ -82,14 +85,17 @@ def build_executable(module: Module, options: CompileOptions):
     return None
 
 
-def _import(model, example_inputs, dynamic_shapes, memo: bool = False) -> Module:
-    """The model as a fresh lmc Module. `memo`: a torch module compiled before in this
-    process, unchanged (frontends/torch/memo.py), is not exported again."""
+def _import(model, example_inputs, dynamic_shapes,
+            memo: bool = False) -> tuple[Module, str | None, bool]:
+    """(the model as an lmc Module, its text if known, whether the module is shared). `memo`:
+    a torch module compiled before in this process, unchanged (frontends/torch/memo.py), is
+    not exported again; its IR is then the memo's own (shared: clone it before rewriting), so
+    that a cache hit copies nothing."""
     if isinstance(model, Module):
-        return model.clone()
+        return model.clone(), None, False
     if isinstance(model, (str, Path)):
         from lmc.ir.parser import parse_file
-        return parse_file(model)
+        return parse_file(model), None, False
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency of the torch frontend only
@@ -102,13 +108,13 @@ def _import(model, example_inputs, dynamic_shapes, memo: bool = False) -> Module
         from lmc.frontends.torch import memo as import_memo
         inputs = _unalias(_as_tuple(example_inputs))
         if not memo:
-            return import_module(model, inputs, dynamic_shapes)
+            return import_module(model, inputs, dynamic_shapes), None, False
         key = import_memo.guard(model, inputs, dynamic_shapes)
-        module = import_memo.imported(model, key)
-        if module is None:
-            module = import_module(model, inputs, dynamic_shapes)
-            import_memo.remember(model, key, module)
-        return module
+        found = import_memo.imported(model, key)
+        if found is not None:
+            return *found, True
+        module = import_module(model, inputs, dynamic_shapes)
+        return module, import_memo.remember(model, key, module), False
     raise LmcError(f"cannot compile a {type(model).__name__}: pass a torch.nn.Module, an "
                    "lmc.ir.Module, or the path of a .lmc file")
 

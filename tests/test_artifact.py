@@ -613,6 +613,26 @@ def test_an_unchanged_module_is_not_exported_again(monkeypatch):
     assert len(exports) == 9
 
 
+def test_the_passes_never_rewrite_the_memos_module():
+    """A memo hit that misses the compile cache (weights changed in place) runs the passes on
+    a copy: the memo keeps the imported IR, and a cache hit copies nothing."""
+    from lmc.frontends.torch import memo
+    from lmc.ir.printer import print_module
+    torch.manual_seed(0)
+    model, x = _Knobs(), torch.randn(3, 8)
+    text = lmc.compile(model, (x,), target="cpu").artifacts["import"]
+    with torch.no_grad():
+        model.fc.weight.mul_(-1.5)
+    cm = lmc.compile(model, (x,), target="cpu")
+    assert not cm.cache_hit and cm.artifacts["import"] == text
+    kept = memo._memo[model][1]
+    assert print_module(kept) == text and "kernel.fused" not in text
+    again = lmc.compile(model, (x,), target="cpu")
+    assert again.cache_hit and again.module is not kept and again.artifacts["import"] == text
+    with torch.no_grad():
+        np.testing.assert_allclose(again(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_eviction_keeps_the_newest_files(tmp_path):
     from lmc.cache import evict
     for i in range(5):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from .gemm_pack import PTR_ALIGN, render_pack_a, render_pack_b
 from .irtext import FunctionWriter, fconst, vec
-from .jit import HostTarget, JitError, default_engine, spin_pause
+from .jit import HAND_VECTORIZED, HostTarget, JitError, default_engine, spin_pause
 
 # The tile epilogue runs once per finished block of MC rows x this many columns (rounded to
 # NR): ~120 KB of C, still in L2, whose epilogue operands stream row by row. Once per 6 x 16
@@ -155,6 +155,7 @@ class TileEpilogue:
 
     name: str
     llvm_ir: str
+    hand_vectorized: bool = False  # the text needs no LLVM vectorizer (render_gemm_module)
 
     def __post_init__(self) -> None:
         # LLVM accepts a call whose type differs from the callee's (opaque pointers), so the
@@ -590,7 +591,12 @@ def render_gemm_module(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = (),
     """(entry function name, LLVM IR text) of a complete GEMM module for this config/epilogue."""
     names = module_names(cfg, epilogue, tile_epilogue)
     n_cols = _n_column_operands(epilogue)
-    parts = [f"; lmc fp32 GEMM {cfg}, epilogue {[op.tag for op in epilogue]}, tile epilogue "
+    # The GEMM's own code is vector code written out: LLVM's vectorizers and unroller only
+    # add compile time (1.5 s -> 0.5 s without them, same speed), unless an embedded tile
+    # epilogue is a loop kernel that relies on them.
+    hand = tile_epilogue is None or tile_epilogue.hand_vectorized
+    parts = [HAND_VECTORIZED] * hand + [
+             f"; lmc fp32 GEMM {cfg}, epilogue {[op.tag for op in epilogue]}, tile epilogue "
              f"{tile_epilogue.name if tile_epilogue else None}",
              INTRINSICS.format(vl=cfg.vl) + spin_pause()[0],
              render_pack_a(cfg, names["pack_a"]), render_pack_b(cfg, names["pack_b"]),

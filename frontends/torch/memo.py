@@ -7,7 +7,8 @@ forward functions (class and instance), its training flag, its hooks and every o
 `config` by their contents, two levels deep; anything else by identity); per parameter and
 buffer the tensor itself (identity, storage, shape, dtype, requires_grad); the example inputs'
 shapes and dtypes; the dynamic-shape spec; torch's default dtype and grad mode. An equal guard
-reuses the imported IR (a clone: passes rewrite it). The IR's weights are views of the
+reuses the imported IR (the memo's copy: `lmc.compile` clones it only when it runs the passes,
+not on a compile-cache hit). The IR's weights are views of the
 module's tensors, so in-place weight updates need no re-import; the cache key still hashes
 them.
 
@@ -22,6 +23,7 @@ import weakref
 import torch
 
 from lmc.ir.core import Module
+from lmc.ir.printer import print_module
 
 _PLAIN = (bool, int, float, str, bytes, type(None))
 _memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -83,14 +85,18 @@ def _state(v, depth: int, seen: dict):
     return out
 
 
-def imported(model: torch.nn.Module, key: tuple) -> Module | None:
-    """A clone of the IR imported for `model` under guard `key`, or None."""
+def imported(model: torch.nn.Module, key: tuple) -> tuple[Module, str] | None:
+    """(the IR imported for `model` under guard `key`, its text), or None. The module is the
+    memo's own: a caller that rewrites it must clone it first."""
     found = _memo.get(model)
     if found is None or found[0] != key:
         return None
-    return found[1].clone()
+    return found[1], found[2]
 
 
-def remember(model: torch.nn.Module, key: tuple, module: Module) -> None:
-    """Keep a pristine clone of `module`, imported from `model` under guard `key`."""
-    _memo[model] = (key, module.clone())
+def remember(model: torch.nn.Module, key: tuple, module: Module) -> str:
+    """Keep a pristine copy of `module`, imported from `model` under guard `key`; returns its
+    text."""
+    text = print_module(module)
+    _memo[model] = (key, module.clone(text), text)
+    return text

@@ -387,11 +387,12 @@ class Module:
             counts[op.name] = counts.get(op.name, 0) + 1
         return dict(sorted(counts.items()))
 
-    def clone(self) -> Module:
-        """Deep copy of the IR (weights are shared: passes replace arrays, never mutate them)."""
+    def clone(self, text: str | None = None) -> Module:
+        """Deep copy of the IR (weights are shared: passes replace arrays, never mutate them).
+        `text`: this module's printed form, when the caller has it already."""
         from lmc.ir.parser import parse  # the text round-trip is the one copy mechanism tested
         from lmc.ir.printer import print_module
-        m = parse(print_module(self), params=dict(self.params))
+        m = parse(text if text is not None else print_module(self), params=dict(self.params))
         m.meta = dict(self.meta)
         return m
 
