@@ -55,10 +55,14 @@ class AttentionConfig:
 
 @functools.lru_cache(maxsize=16)
 def default_config(target: HostTarget) -> AttentionConfig:
-    """Tiles sized to the register file: S tile and O chunk are MR×2 vectors each."""
+    """Tiles sized to the register file: the S tile (MR × nv) and the O chunk (MR × ch)."""
     if target.has_avx512:
         return AttentionConfig(vl=16, mr=8, nv=2, ch=2)  # 16 of 32 zmm per tile
-    return AttentionConfig(vl=8, mr=6, nv=2, ch=2)  # 12 of 16 ymm per tile
+    # 4 x 24 (12 of 16 ymm per tile) against 6 x 16, in-process A/B on a Zen 3 VM: causal
+    # T = 128..512 5-9 % faster (128 rows are 32 whole q-blocks, the O tile is loaded and
+    # rescaled once per 24 keys instead of 16), full T = 128 within 4 %, and the entry module
+    # compiles in 0.19 s instead of 0.28 (on a cold compile's critical path).
+    return AttentionConfig(vl=8, mr=4, nv=3, ch=3)
 
 
 def one_row_config(cfg: AttentionConfig) -> AttentionConfig:
