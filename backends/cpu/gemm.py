@@ -93,12 +93,13 @@ def default_config(target: HostTarget) -> GemmConfig:
         # the MoE layer 3.5 % and the GPT block 2 % faster (in-process A/B, alternating), large
         # squares alike; on Zen 4 the MoE layer measured the same.
         return GemmConfig(vl=16, mr=8, nv=2, kc=512, mc=96, nc=4096, unroll=4)
-    # 6x16: 12 accumulators + 2 B vectors + a broadcast = 15 of 16 ymm. KC = 512 (a 32 KB B
-    # micro-panel, streamed from L2; MC x KC A block = 144 KB of the 512 KB L2) covers the
-    # K = 512 of d = 512 models in one pass over C, as with AVX-512. Against KC = 256, MC = 120
-    # on a Zen 2 VM (in-process, alternating): the model GEMMs (512 rows x K 512..2048)
-    # 5-10 % faster on 2 threads, 512^2..2048^2 4-9 %; NC 1024..4096 measured the same.
-    return GemmConfig(vl=8, mr=6, nv=2, kc=512, mc=72, nc=2048, unroll=4)
+    # 6x16: 12 accumulators + 2 B vectors + a broadcast = 15 of 16 ymm. KC = 1024 (a 64 KB B
+    # micro-panel, streamed from L2; MC x KC A block = 192 KB of the 512 KB L2) covers the
+    # K = 512..1024 of the models in one pass over C. In-process A/B on 2 threads: KC = 512,
+    # MC = 72 beat KC = 256, MC = 120 by 5-10 % on a Zen 2 VM; KC = 1024, MC = 48 beat that by
+    # 2-5 % on a Zen 3 VM (512^2..2048^2, K = 1024 and 2048 model shapes; K = 256 and 512 the
+    # same), the models within +-2 %. NC 1024..4096 measured the same.
+    return GemmConfig(vl=8, mr=6, nv=2, kc=1024, mc=48, nc=2048, unroll=4)
 
 
 # -- epilogues: elementwise ops on each finished output vector, emitted into the store path --
