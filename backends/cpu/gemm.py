@@ -152,11 +152,12 @@ class TileEpilogue:
     """An elementwise tail run on each finished C block in memory, as an LLVM function (rendered by
     the fusion code, docs/CPU_BACKEND.md). Its text is put into the GEMM module so LLVM can inline
     it: `define internal void @NAME(ptr %c, i64 %ldc, i64 %row0, i64 %col0, i64 %mr, i64 %nr,
-    ptr %args)` updates C[row0:row0+mr, col0:col0+nr] (row stride ldc) in place."""
+    ptr %args)` updates C[row0:row0+mr, col0:col0+nr] (row stride ldc) in place. The module
+    is compiled without LLVM's loop vectorizer: vector code runs at speed, scalar loops stay
+    scalar."""
 
     name: str
     llvm_ir: str
-    hand_vectorized: bool = False  # the text needs no LLVM vectorizer (render_gemm_module)
 
     def __post_init__(self) -> None:
         # LLVM accepts a call whose type differs from the callee's (opaque pointers), so the
@@ -592,11 +593,9 @@ def render_gemm_module(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = (),
     """(entry function name, LLVM IR text) of a complete GEMM module for this config/epilogue."""
     names = module_names(cfg, epilogue, tile_epilogue)
     n_cols = _n_column_operands(epilogue)
-    # The GEMM's own code is vector code written out: LLVM's vectorizers and unroller only
-    # add compile time (1.5 s -> 0.5 s without them, same speed), unless an embedded tile
-    # epilogue is a loop kernel that relies on them.
-    hand = tile_epilogue is None or tile_epilogue.hand_vectorized
-    parts = [HAND_VECTORIZED] * hand + [
+    # Vector code written out, as every kernel of the backend is: LLVM's vectorizers and
+    # unroller would only add compile time (1.5 s -> 0.5 s without them, the same speed).
+    parts = [HAND_VECTORIZED,
              f"; lmc fp32 GEMM {cfg}, epilogue {[op.tag for op in epilogue]}, tile epilogue "
              f"{tile_epilogue.name if tile_epilogue else None}",
              INTRINSICS.format(vl=cfg.vl) + spin_pause()[0],

@@ -34,7 +34,7 @@ entry:
   ret void
 }
 """
-INDIRECT_TILE = TileEpilogue("lmc_tile_indirect", _INDIRECT, hand_vectorized=True)
+INDIRECT_TILE = TileEpilogue("lmc_tile_indirect", _INDIRECT)
 # Prepared launches a GEMM kernel keeps (by its arrays): a trainer alternates two sets of
 # weights, and each symbol binding has its own arena.
 REPLAYS = 4
