@@ -51,7 +51,7 @@ def compile(model, example_inputs=None, *, target: str | None = None,
     hit = cache.load(cache_key, module, opts, artifacts["import"]) if cache else None
     if hit is not None:
         return hit
-    if shared:  # the memo's own copy: the passes rewrite theirs
+    if shared:  # the passes rewrite their own copy
         module = module.clone()
     samples = None
     if opts.check_numerics:
@@ -87,12 +87,12 @@ def build_executable(module: Module, options: CompileOptions):
 
 def _import(model, example_inputs, dynamic_shapes,
             memo: bool = False) -> tuple[Module, str | None, bool]:
-    """(the model as an lmc Module, its text if known, whether the module is shared). `memo`:
-    a torch module compiled before in this process, unchanged (frontends/torch/memo.py), is
-    not exported again; its IR is then the memo's own (shared: clone it before rewriting), so
-    that a cache hit copies nothing."""
+    """(the model as an lmc Module, its text if known, whether the module is shared: the
+    caller's own, or the import memo's, to be cloned before rewriting, so that a cache hit
+    copies nothing). `memo`: a torch module compiled before in this process, unchanged
+    (frontends/torch/memo.py), is not exported again."""
     if isinstance(model, Module):
-        return model.clone(), None, False
+        return model, None, True
     if isinstance(model, (str, Path)):
         from lmc.ir.parser import parse_file
         return parse_file(model), None, False

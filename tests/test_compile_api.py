@@ -59,11 +59,16 @@ def test_unknown_target_and_bad_model():
         lmc.compile(3)
 
 
-def test_compile_does_not_mutate_the_given_module():
+def test_compile_does_not_mutate_the_given_module(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMC_CACHE_DIR", str(tmp_path))
     m = lmc.parse(TEXT, params={"w": np.ones((4, 3), np.float32)})
     before = str(m)
     lmc.compile(m)
     assert str(m) == before
+    first = lmc.compile(m, target="cpu")  # the passes run on a copy; a cache hit needs none
+    again = lmc.compile(m, target="cpu")
+    assert again.cache_hit and not first.cache_hit and str(m) == before
+    assert again.module is not m and "kernel.fused" in str(first.module)
 
 
 @pytest.mark.parametrize("bad", [None, "hello"])
