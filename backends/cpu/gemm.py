@@ -593,8 +593,8 @@ def render_gemm_module(cfg: GemmConfig, epilogue: tuple[EpilogueOp, ...] = (),
     """(entry function name, LLVM IR text) of a complete GEMM module for this config/epilogue."""
     names = module_names(cfg, epilogue, tile_epilogue)
     n_cols = _n_column_operands(epilogue)
-    # Vector code written out, as every kernel of the backend is: LLVM's vectorizers and
-    # unroller would only add compile time (1.5 s -> 0.5 s without them, the same speed).
+    # Vector code written out (as attention and emit.module_text's kernels are): LLVM's
+    # vectorizers and unroller would only add compile time (1.5 s -> 0.5 s, the same speed).
     parts = [HAND_VECTORIZED,
              f"; lmc fp32 GEMM {cfg}, epilogue {[op.tag for op in epilogue]}, tile epilogue "
              f"{tile_epilogue.name if tile_epilogue else None}",
