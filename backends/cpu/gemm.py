@@ -183,12 +183,16 @@ class TileEpilogue:
 def render_microkernel(cfg: GemmConfig, name: str, epilogue: tuple[EpilogueOp, ...]) -> str:
     """MR x NR tile: acc = Ap^T Bp over kc, then C = alpha*acc + (first ? beta : 1)*C, and on the
     last K slice the register epilogues. `mr`/`nr` < MR/NR marks an edge tile. `pf`: memory
-    to start fetching into L2 meanwhile, one 64-byte line per unrolled step (`_panels`)."""
+    to start fetching into L2 meanwhile, one 64-byte line per unrolled step (`_panels`).
+    `k2` > 0: a second product added before the store, acc = alpha*acc + Ap2^T Bp2 over k2 (a
+    LoRA branch's rank-r update of the finished tile, its scale already in Ap2), then stored
+    with alpha 1: the tile goes to C once, not once per product."""
     cols = "".join(f", ptr %colop{i}" for i in range(_n_column_operands(epilogue)))
     w = FunctionWriter(
         f"internal void @{name}(i64 %kc, ptr noalias align {PTR_ALIGN} %ap, "
         f"ptr noalias align {PTR_ALIGN} %bp, ptr noalias %c, i64 %ldc, i64 %mr, i64 %nr, "
-        f"i1 %first, i1 %last, float %alpha, float %beta, ptr %pf{cols})")
+        f"i1 %first, i1 %last, float %alpha, float %beta, ptr %pf, i64 %k2, "
+        f"ptr noalias align {PTR_ALIGN} %ap2, ptr noalias align {PTR_ALIGN} %bp2{cols})")
     _prefetch_c(w, cfg)
     v = vec(cfg.vl)
     accs = [[w.slot(v, "zeroinitializer", f"acc{i}_{j}") for j in range(cfg.nv)]
@@ -204,7 +208,14 @@ def render_microkernel(cfg: GemmConfig, name: str, epilogue: tuple[EpilogueOp, .
             _rank1_update(w, cfg, accs, w.op("add", k, str(u)))
     with w.loop(main, "%kc", 1, "kt") as k:
         _rank1_update(w, cfg, accs, k)
-    _store_tile(w, cfg, accs, epilogue)
+    second = w.value("icmp sgt i64 %k2, 0")
+    with w.if_(second, "second.scale"):
+        alpha = w.splat("%alpha", cfg.vl)
+        _update_slots(w, accs, v, lambda i, j, x: w.value(f"fmul {v} {x}, {alpha}"))
+    with w.loop("0", "%k2", 1, "k2") as k:
+        _rank1_update(w, cfg, accs, k, "%ap2", "%bp2")
+    _store_tile(w, cfg, accs, epilogue, w.value(f"select i1 {second}, float {fconst(1.0)}, "
+                                                f"float %alpha"))
     return w.text()
 
 
@@ -220,12 +231,13 @@ def _prefetch_c(w: FunctionWriter, cfg: GemmConfig) -> None:
             w.emit(f"call void @llvm.prefetch.p0(ptr {line}, i32 1, i32 3, i32 1)")
 
 
-def _rank1_update(w: FunctionWriter, cfg: GemmConfig, accs, k: str) -> None:
+def _rank1_update(w: FunctionWriter, cfg: GemmConfig, accs, k: str, ap: str = "%ap",
+                  bp: str = "%bp") -> None:
     """acc[i][j] += Ap[k, i] * Bp[k, j*VL:(j+1)*VL] for the whole register tile."""
     v = vec(cfg.vl)
-    b_row = w.gep("%bp", w.op("mul", k, str(cfg.nr)))
+    b_row = w.gep(bp, w.op("mul", k, str(cfg.nr)))
     bs = [w.load(v, w.gep(b_row, str(j * cfg.vl)), PTR_ALIGN) for j in range(cfg.nv)]
-    a_col = w.gep("%ap", w.op("mul", k, str(cfg.mr)))
+    a_col = w.gep(ap, w.op("mul", k, str(cfg.mr)))
     for i in range(cfg.mr):
         a = w.splat(w.load("float", w.gep(a_col, str(i))), cfg.vl)
         for j in range(cfg.nv):
@@ -233,7 +245,7 @@ def _rank1_update(w: FunctionWriter, cfg: GemmConfig, accs, k: str) -> None:
             w.store(v, w.fma(a, bs[j], acc, cfg.vl), accs[i][j], PTR_ALIGN)
 
 
-def _store_tile(w: FunctionWriter, cfg: GemmConfig, accs, epilogue) -> None:
+def _store_tile(w: FunctionWriter, cfg: GemmConfig, accs, epilogue, alpha: str) -> None:
     """Combine the tile with C and store. A partial tile goes through a stack copy of its C block
     (and of its column operands) so that one vector code path serves both cases."""
     vl, nr, v = cfg.vl, cfg.nr, vec(cfg.vl)
@@ -255,7 +267,7 @@ def _store_tile(w: FunctionWriter, cfg: GemmConfig, accs, epilogue) -> None:
     col_ptrs = [w.value(f"select i1 {full}, ptr %colop{i}, ptr {t}")
                 for i, t in enumerate(tmp_cols)]
     scale = w.value(f"select i1 %first, float %beta, float {fconst(1.0)}")
-    alpha, scale_v = w.splat("%alpha", vl), w.splat(scale, vl)
+    alpha, scale_v = w.splat(alpha, vl), w.splat(scale, vl)
     tile_ptrs = [[w.gep(cdst, w.op("add", w.op("mul", str(i), ldd), str(j * vl)))
                   for j in range(cfg.nv)] for i in range(cfg.mr)]
     _update_slots(w, accs, v, lambda i, j, x: w.value(f"fmul {v} {x}, {alpha}"))
@@ -371,8 +383,9 @@ def _t_panels(w: FunctionWriter, cfg: GemmConfig) -> str:
 
 def _low_rank_down(w: FunctionWriter, cfg: GemmConfig, names: dict[str, str], n_cols: int,
                    block, pc: str) -> None:
-    """T[rows] (+)= A block @ side, from the packed A block the main tiles use: LoRA's x·Aᵀ
-    costs no second read of x. T accumulates over the K blocks like C (`first`); it is made
+    """T[rows] (+)= up_alpha * A block @ side, from the packed A block the main tiles use:
+    LoRA's x·Aᵀ costs no second read of x, and its scale none either (the tiles add T @ up
+    with alpha 1). T accumulates over the K blocks like C (`first`); it is made
     in the first column block, and every column block's last K block packs its final rows as
     MR panels for the tiles' rank-r update."""
     ic, _, mc, _, kc, first = block[:6]
@@ -386,8 +399,8 @@ def _low_rank_down(w: FunctionWriter, cfg: GemmConfig, names: dict[str, str], n_
             ap = w.gep("%apack", w.op("mul", ir, kc))
             w.emit(f"call void @{names['ukernel']}(i64 {kc}, ptr {ap}, "
                    f"ptr {bp}, ptr {t}, i64 {ldt}, i64 {mr}, i64 {nr}, i1 {first}, i1 false, "
-                   f"float {fconst(1.0)}, float {fconst(0.0)}, ptr {bp}" + ", ptr null" * n_cols
-                   + ")")
+                   f"float %up_alpha, float {fconst(0.0)}, ptr {bp}, i64 0, ptr null, ptr null"
+                   + ", ptr null" * n_cols + ")")
 
 
 def _even_step(w: FunctionWriter, total: str, block: int, unit: int) -> str:
@@ -423,10 +436,11 @@ def _macro_kernel(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int,
 def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block, j0: str,
             j1: str) -> None:
     """The micro-kernel on every MR x NR tile of columns [j0, j1) of the mc x nc block; with a
-    low-rank branch, on the last K block each finished tile, still in L1, gets its rank-r
-    update up_alpha * T[rows] @ up[:, cols] (before the tile epilogue sees it)."""
+    low-rank branch, on the last K block each tile gets its rank-r update T[rows] @ up[:, cols]
+    (T holds up_alpha * A @ side) in the same call, before its store and epilogues."""
     ic, jc, mc, nc, kc, first, last, bbase, pstride, lr_last = block
     t_panels = _t_panels(w, cfg)
+    rank = w.value(f"select i1 {lr_last}, i64 %rank, i64 0")  # the tiles' second product
     share = w.op("mul", w.op("sdiv", kc, str(cfg.unroll)), "16")  # next-panel floats per call
     with w.loop(j0, j1, cfg.nr, "jr") as jr:
         nr = w.smin(str(cfg.nr), w.op("sub", nc, jr))
@@ -448,12 +462,10 @@ def _panels(w: FunctionWriter, cfg: GemmConfig, ukernel: str, n_cols: int, block
             tile = f"ptr {c}, i64 %ldc, i64 {mr}, i64 {nr}"
             pf = w.value(f"getelementptr float, ptr {next_bp}, i64 "
                          f"{w.op('mul', w.op('sdiv', ir, str(cfg.mr)), share)}", "p")
+            tp = w.gep(t_panels, w.op("mul", ir, "%rank"))
             w.emit(f"call void @{ukernel}(i64 {kc}, ptr {ap}, ptr {bp}, {tile}, i1 {first}, "
-                   f"i1 {last}, float %alpha, float %beta, ptr {pf}{col_args})")
-            with w.if_(lr_last, "rank.update"):
-                tp = w.gep(t_panels, w.op("mul", ir, "%rank"))
-                w.emit(f"call void @{ukernel}(i64 %rank, ptr {tp}, ptr {up}, {tile}, i1 false, "
-                       f"i1 false, float %up_alpha, float {fconst(1.0)}, ptr {up}{col_args})")
+                   f"i1 {last}, float %alpha, float %beta, ptr {pf}, i64 {rank}, ptr {tp}, "
+                   f"ptr {up}{col_args})")
 
 
 JOBS_ARGS = ("i64 %njobs, i64 %npack, ptr %jobs, i64 %rsa, i64 %csa, i64 %rsb, i64 %csb, i64 %ldc, "
