@@ -34,11 +34,18 @@ _TEXT_IR = re.compile(r"^\s*func\s+@", re.M)
 
 # ---- saving --------------------------------------------------------------------------------------
 
-def save(cm, path: str | Path) -> Path:
-    """Write compiled model `cm` to `path` (atomically: a reader never sees half a file)."""
+def save(cm, path: str | Path, weights_from: dict[str, np.ndarray] | None = None) -> Path:
+    """Write compiled model `cm` to `path` (atomically: a reader never sees half a file).
+    `weights_from` (the compile cache's entries): the weights that are these very arrays are
+    not written, only named (`weights.from_model` in the manifest), and `Artifact.module`
+    takes them from the caller. The cache key hashes those bytes, and passes replace arrays,
+    never mutate them, so a hit has them already: storing them again cost a cold compile
+    ~0.1 s for 13 MB here, and a large model would have filled the cache with copies."""
     path = Path(path)
     entries: dict[str, bytes] = {IR: print_module(cm.module).encode()}
-    weights, bf16 = _weights_bytes(cm.module)
+    external = sorted(name for name, arr in cm.module.params.items()
+                      if weights_from is not None and weights_from.get(name) is arr)
+    weights, bf16 = _weights_bytes(cm.module, set(external))
     entries[WEIGHTS] = weights
     kernels = []
     for km in cm.executable.kernel_modules() if cm.executable is not None else []:
@@ -47,6 +54,8 @@ def save(cm, path: str | Path) -> Path:
         kernels.append({"key": km.key, "name": km.name, "ir_bytes": len(km.llvm_ir),
                         "object_bytes": len(km.object_code)})
     manifest = _manifest(cm, kernels, bf16)
+    if external:
+        manifest["weights"]["from_model"] = external
     manifest["files"] = {name: _sha256(data) for name, data in entries.items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -100,12 +109,14 @@ def _out_spec(module: Module) -> str | None:
         return None
 
 
-def _weights_bytes(module: Module) -> tuple[bytes, list[str]]:
-    """safetensors bytes of the params; bf16 travels as its uint16 bits (safetensors' numpy
-    reader has no bf16), named in the manifest so that load views it back."""
+def _weights_bytes(module: Module, leave_out: set[str]) -> tuple[bytes, list[str]]:
+    """safetensors bytes of the params but `leave_out`; bf16 travels as its uint16 bits
+    (safetensors' numpy reader has no bf16), named in the manifest so that load views it back."""
     from safetensors.numpy import save as st_save
     arrays, bf16 = {}, []
     for name, arr in module.params.items():
+        if name in leave_out:
+            continue
         arr = np.asarray(arr, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
         if arr.dtype.name == "bfloat16":
             arr, bf16 = arr.view(np.uint16), [*bf16, name]
@@ -186,8 +197,9 @@ class Artifact:
             raise ArtifactError(f"{self.path}: {'; '.join(problems)}. Use lmc.load(path, "
                                 "recompile=True) to rebuild the kernels for this machine")
 
-    def module(self) -> Module:
-        """The final IR with its weights (bf16 arrays viewed back from their uint16 bits)."""
+    def module(self, model_params: dict[str, np.ndarray] | None = None) -> Module:
+        """The final IR with its weights (bf16 arrays viewed back from their uint16 bits);
+        those the entry names as the model's own come from `model_params`."""
         from safetensors.numpy import load as st_load
 
         from lmc.ir.parser import parse
@@ -195,10 +207,23 @@ class Artifact:
         for name in self.manifest.get("weights", {}).get("bf16", []):
             import ml_dtypes
             params[name] = params[name].view(ml_dtypes.bfloat16)
+        params |= self._model_weights(model_params)
         try:
             return parse(self.entries[IR].decode(), params=params, source=f"{self.path}:{IR}")
         except LmcError as exc:  # hashes matched, so the writer made IR this lmc cannot read
             raise ArtifactError(f"{self.path}: the stored IR does not load: {exc}") from exc
+
+    def _model_weights(self, model_params: dict[str, np.ndarray] | None) -> dict:
+        names = self.manifest.get("weights", {}).get("from_model", [])
+        if names and model_params is None:
+            raise ArtifactError(f"{self.path} is a compile-cache entry: its weights are the "
+                                "model's own and are not in the file. Compile the model "
+                                "(lmc.compile) to use it, or save an artifact with cm.save")
+        missing = [n for n in names if n not in model_params]
+        if missing:
+            raise ArtifactError(f"{self.path}: the model has no weight(s) "
+                                f"{', '.join(missing[:5])} that this cache entry takes from it")
+        return {n: model_params[n] for n in names}
 
     def out_spec(self):
         """The saved output pytree spec. A node type registers itself with pytree when its
@@ -221,11 +246,12 @@ class Artifact:
                                 f"{exc}") from None
 
     def build(self, options: CompileOptions, meta: dict | None = None,
-              recompile: bool = False):
+              recompile: bool = False, model_params: dict[str, np.ndarray] | None = None):
         """The CompiledModel: object code registered with the JIT first (recompile: none, the
-        kernels are rendered and compiled from the IR for this machine)."""
+        kernels are rendered and compiled from the IR for this machine); `model_params`: the
+        weights a compile-cache entry takes from the model (`save`'s `weights_from`)."""
         from lmc.compile import CompiledModel
-        module = self.module()
+        module = self.module(model_params)
         if meta is not None:
             module.meta = dict(meta)
         elif self.manifest.get("out_spec") is not None:

@@ -115,7 +115,8 @@ class ModelCache:
         if not path.exists():
             return None
         try:
-            cm = open_artifact(path, hashes=False).build(options, meta=imported.meta)
+            cm = open_artifact(path, hashes=False).build(options, meta=imported.meta,
+                                                         model_params=imported.params)
         except ArtifactError as exc:
             warnings.warn(f"lmc: dropping a bad compile cache entry: {exc}", stacklevel=3)
             path.unlink(missing_ok=True)
@@ -125,11 +126,14 @@ class ModelCache:
         cm.cache_hit = True
         return cm
 
-    def store(self, key: str, cm) -> None:
-        """Save `cm` under `key`, then trim the cache; a failure only warns (it is a cache)."""
+    def store(self, key: str, cm, model_params: dict[str, np.ndarray]) -> None:
+        """Save `cm` under `key`, but for the weights it shares with the imported model's
+        `model_params` (which the key hashes), then trim the cache; a failure only warns (it
+        is a cache)."""
+        from lmc.artifact import save
         try:
             self.models.mkdir(parents=True, exist_ok=True)
-            cm.save(self.path(key))
+            save(cm, self.path(key), weights_from=model_params)
             for folder in (self.models, self.root / "kernels"):
                 evict(folder, MAX_BYTES)
         except OSError as exc:

@@ -51,6 +51,7 @@ def compile(model, example_inputs=None, *, target: str | None = None,
     hit = cache.load(cache_key, module, opts, artifacts["import"]) if cache else None
     if hit is not None:
         return hit
+    imported_params = dict(module.params)  # passes replace arrays, never mutate them
     if shared:  # the passes rewrite their own copy
         module = module.clone()
     samples = None
@@ -65,7 +66,7 @@ def compile(model, example_inputs=None, *, target: str | None = None,
     artifacts["optimized"] = print_module(module)
     compiled = CompiledModel(module, artifacts, opts, pm)
     if cache is not None:
-        cache.store(cache_key, compiled)
+        cache.store(cache_key, compiled, imported_params)
     return compiled
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import lmc
+from lmc.artifact import read
 from lmc.backends.cpu import jit
 from lmc.backends.cpu.jit import HostTarget, JitEngine, JitError, host_target, module_key
 
@@ -550,15 +551,48 @@ def test_a_damaged_cache_entry_is_a_miss(cache_dir):
     assert not cm.cache_hit
     _check_against_reference(cm, module, rng, seed)
     assert lmc.compile(module, target="cpu").cache_hit  # stored again
-    # One flipped bit in the weights: the cache does not check sha256s (the zip's CRC-32 of
-    # every entry catches damage to a file lmc wrote itself).
+    # One flipped bit in the object code: the cache does not check sha256s (the zip's CRC-32
+    # of every entry catches damage to a file lmc wrote itself).
+    with zipfile.ZipFile(entry) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(".o"))
     data = bytearray(entry.read_bytes())
-    data[data.find(b"weights.safetensors") + 300] ^= 0x10  # past the local header's name
+    data[info.header_offset + 30 + len(info.filename) + info.file_size // 2] ^= 0x10
     entry.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match=r"dropping a bad compile cache entry"):
         cm = lmc.compile(module, target="cpu")
     assert not cm.cache_hit
     _check_against_reference(cm, module, rng, seed)
+
+
+def test_a_cache_entry_keeps_only_the_weights_the_model_lacks(tmp_path):
+    """The weights a compile leaves as they are (the same arrays) are the model's, which the
+    key hashes: the entry names them and a hit takes them from the model; those the passes
+    make (raise-moe's stacked experts) are in the entry. `cm.save` keeps all of them."""
+    from safetensors.numpy import load as st_load
+
+    from tests.test_raise_moe import MoEText
+    rows, moe = _module("rows", _rng()[0]), MoEText(4, 2, "swiglu", weights="separate")
+    stacked = {f"experts.{w}.weight.stacked" for w in ("w1", "w2", "w3")}
+    cases = [(rows, [np.random.default_rng(3).standard_normal((2, 5, 37), dtype=np.float32)],
+              set()), (moe.module(), moe.inputs(), stacked)]
+    for i, (module, xs, made) in enumerate(cases):
+        opts = lmc.CompileOptions(cache_dir=str(tmp_path / f"cache{i}"))
+        first = lmc.compile(module, target="cpu", options=opts)
+        entry, = (tmp_path / f"cache{i}" / "models").iterdir()
+        art = read(entry)
+        kept = set(st_load(art.entries["weights.safetensors"]))
+        external = set(first.module.params) - made
+        assert kept == made and set(art.manifest["weights"].get("from_model", [])) == external
+        if external:
+            with pytest.raises(lmc.ArtifactError, match=r"compile-cache entry.*lmc\.compile"):
+                lmc.load(entry)
+        hit = lmc.compile(module, target="cpu", options=opts)
+        saved = lmc.load(first.save(tmp_path / f"whole{i}.lmca"))
+        assert hit.cache_hit and not saved.cache_hit
+        want = _outs(lmc.compile(module)(*xs))
+        for cm in (hit, saved):
+            for got, ref in zip(_outs(cm(*xs)), want):
+                np.testing.assert_allclose(got, ref, **TOL)
 
 
 class _Knobs(torch.nn.Module):
